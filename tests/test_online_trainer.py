@@ -1,0 +1,319 @@
+"""OnlineDistillTrainer and the machinery every teacher-updating trainer shares, on tiny BERT models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import keyword_dataset, tiny_classifier
+
+from hf_distill import (
+    OnlineDistillTrainer,
+    OnlineDistillTrainingArguments,
+    cache_teacher_logits,
+    glue_compute_metrics,
+    kl_divergence,
+)
+
+
+def make_args(tmp_path, **overrides) -> OnlineDistillTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-3,
+        teacher_learning_rate=1e-3,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return OnlineDistillTrainingArguments(**{**defaults, **overrides})
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def test_one_step_is_teacher_update_then_student_update_with_updated_teacher(tmp_path, tokenizer):
+    teacher, student = tiny_classifier(2, seed=1), tiny_classifier(1, seed=2)
+    ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
+    args = make_args(
+        tmp_path,
+        max_steps=1,
+        teacher_alpha=0.4,
+        alpha=0.5,
+        temperature=2.0,
+        max_grad_norm=0,
+        teacher_max_grad_norm=0,
+    )
+    trainer = OnlineDistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=keyword_dataset(8),
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+
+    # The same step by hand: plain AdamW for each model, the order of shared/ALGORITHMS.md §3.
+    inputs, labels = model_inputs(batch), batch["labels"]
+    t_opt = torch.optim.AdamW(ref_teacher.parameters(), lr=1e-3, weight_decay=0.0)
+    s_opt = torch.optim.AdamW(ref_student.parameters(), lr=1e-3, weight_decay=0.0)
+    z_s = ref_student(**inputs).logits
+    z_t = ref_teacher(**inputs).logits
+    teacher_loss = 0.4 * kl_divergence(z_t, z_s.detach(), temperature=2.0) + 0.6 * F.cross_entropy(
+        z_t, labels
+    )
+    teacher_loss.backward()
+    t_opt.step()
+    with torch.no_grad():
+        z_t_updated = ref_teacher(**inputs).logits
+    student_loss = 0.5 * kl_divergence(z_s, z_t_updated, temperature=2.0) + 0.5 * F.cross_entropy(z_s, labels)
+    student_loss.backward()
+    s_opt.step()
+
+    for name, value in ref_teacher.state_dict().items():
+        torch.testing.assert_close(trainer.teacher_model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    for name, value in ref_student.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    log = trainer.state.log_history[0]
+    assert {"teacher_kl", "teacher_task_loss", "teacher_learning_rate", "distill_loss", "task_loss"} <= set(
+        log
+    )
+
+
+def test_gradient_accumulation_steps_teacher_at_the_same_boundaries(tmp_path, tokenizer):
+    """GA=2 × batch 4 equals one step on batch 8 for both models (dropout-free, mean losses)."""
+    results = []
+    for ga, batch_size in ((1, 8), (2, 4)):
+        teacher, student = tiny_classifier(2, seed=1), tiny_classifier(1, seed=2)
+        args = make_args(
+            tmp_path / f"ga{ga}",
+            max_steps=2,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=ga,
+            max_grad_norm=0,
+            teacher_max_grad_norm=0,
+        )
+        data = keyword_dataset(16)
+        trainer = OnlineDistillTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer
+        )
+        steps = []
+        original = trainer.teacher_optimizer_step
+
+        def counting_step(original=original, steps=steps, trainer=trainer):
+            steps.append(trainer.state.global_step)
+            original()
+
+        trainer.teacher_optimizer_step = counting_step
+        trainer.train()
+        assert steps == [0, 1]  # one teacher step per optimisation step, before the student's
+        results.append((params(trainer.teacher_model), params(student)))
+    # Padding differs between the two layouts (per-batch padding), hence a float tolerance.
+    (t1, s1), (t2, s2) = results
+    for name in t1:
+        torch.testing.assert_close(t1[name], t2[name], rtol=1e-4, atol=1e-5)
+    for name in s1:
+        torch.testing.assert_close(s1[name], s2[name], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tokenizer):
+    data = keyword_dataset(48)
+
+    def run(output, max_steps, resume=None, save_steps=None):
+        teacher, student = tiny_classifier(2, seed=1), tiny_classifier(1, seed=2)
+        args = make_args(
+            output,
+            max_steps=max_steps,
+            save_strategy="steps" if save_steps else "no",
+            save_steps=save_steps or 500,
+            teacher_warmup_ratio=0.25,
+        )
+        trainer = OnlineDistillTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "straight", max_steps=8)
+    first = run(tmp_path / "interrupted", max_steps=8, save_steps=4)
+    checkpoint = tmp_path / "interrupted" / "out" / "checkpoint-4"
+    assert (checkpoint / "teacher" / "trainable.safetensors").is_file()
+    assert (checkpoint / "teacher" / "optimizer.pt").is_file() and (
+        checkpoint / "teacher" / "scheduler.pt"
+    ).is_file()
+    del first
+    resumed = run(tmp_path / "interrupted", max_steps=8, resume=str(checkpoint))
+
+    for name, value in params(straight.teacher_model).items():
+        torch.testing.assert_close(params(resumed.teacher_model)[name], value, rtol=0, atol=1e-6)
+    for name, value in params(straight.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], value, rtol=0, atol=1e-6)
+    assert resumed.teacher_lr_scheduler.get_last_lr() == straight.teacher_lr_scheduler.get_last_lr()
+    assert any(
+        not torch.equal(v, params(tiny_classifier(2, seed=1))[k])
+        for k, v in params(resumed.teacher_model).items()
+    )
+
+
+def test_resume_without_teacher_state_is_refused(tmp_path, tokenizer):
+    data = keyword_dataset(16)
+    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = OnlineDistillTrainer(
+        model=tiny_classifier(1),
+        teacher_model=tiny_classifier(2),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    import shutil
+
+    shutil.rmtree(checkpoint / "teacher")
+    fresh = OnlineDistillTrainer(
+        model=tiny_classifier(1),
+        teacher_model=tiny_classifier(2),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    with pytest.raises(FileNotFoundError, match="holds no teacher state"):
+        fresh.train(resume_from_checkpoint=True)
+
+
+def test_evaluate_reports_the_teachers_metrics(tmp_path, tokenizer):
+    teacher, student = tiny_classifier(2, seed=1), tiny_classifier(1, seed=2)
+    data = keyword_dataset(24)
+    trainer = OnlineDistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+        compute_metrics=glue_compute_metrics("mrpc"),
+    )
+    metrics = trainer.evaluate()
+    assert {"eval_teacher_loss", "eval_teacher_accuracy", "eval_teacher_f1", "eval_accuracy"} <= set(metrics)
+    teacher.eval()
+    correct, total_loss = 0, 0.0
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            logits = teacher(**model_inputs(batch)).logits
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+    assert metrics["eval_teacher_accuracy"] == pytest.approx(correct / 24)
+    assert metrics["eval_teacher_loss"] == pytest.approx(total_loss / 24, rel=1e-5)
+
+    silent = OnlineDistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, evaluate_teacher=False),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+    )
+    assert not any(k.startswith("eval_teacher") for k in silent.evaluate())
+
+
+def test_lora_teacher_updates_only_its_adapter(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_classifier(2, seed=1)
+    teacher = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    frozen_before = {n: p.detach().clone() for n, p in teacher.named_parameters() if not p.requires_grad}
+    lora_before = {n: p.detach().clone() for n, p in teacher.named_parameters() if "lora_B" in n}
+    args = make_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    trainer = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=keyword_dataset(24),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    after = dict(trainer.teacher_model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen_before.items())
+    assert any(not torch.equal(after[n], v) for n, v in lora_before.items())
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "checkpoint-3" / "teacher" / "trainable.safetensors"))
+    assert set(saved) == {n for n, p in teacher.get_base_model().named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "modules_to_save" in n for n in saved)  # SEQ_CLS also trains the head
+    trainer.save_teacher(tmp_path / "teacher_out")
+    assert (tmp_path / "teacher_out" / "adapter_model.safetensors").is_file()
+
+
+def test_save_teacher_writes_reloadable_teacher_with_tokenizer(tmp_path, tokenizer):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    trainer = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_teacher(tmp_path / "teacher")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "teacher")
+    for name, value in trainer.teacher_model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value)
+    assert AutoTokenizer.from_pretrained(tmp_path / "teacher").get_vocab() == tokenizer.get_vocab()
+
+
+# ----- errors -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"teacher_learning_rate": 0.0}, "teacher_learning_rate must be > 0"),
+        ({"teacher_alpha": 1.2}, "teacher_alpha must be in \\[0, 1\\]"),
+        ({"teacher_warmup_ratio": 1.0}, "teacher_warmup_ratio"),
+        ({"teacher_lr_scheduler_type": "sawtooth"}, "teacher_lr_scheduler_type='sawtooth' is unknown"),
+        ({"teacher_max_grad_norm": -1.0}, "teacher_max_grad_norm"),
+    ],
+)
+def test_bad_teacher_arguments(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_teacher_without_trainable_parameters(tmp_path, tokenizer):
+    teacher = tiny_classifier(2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        OnlineDistillTrainer(model=tiny_classifier(1), teacher_model=teacher, args=make_args(tmp_path))
+
+
+def test_shared_parameters_ensemble_and_cached_logits_are_refused(tmp_path, tokenizer):
+    student = tiny_classifier(1)
+    with pytest.raises(ValueError, match="share parameters"):
+        OnlineDistillTrainer(model=student, teacher_model=student, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="trains one teacher"):
+        OnlineDistillTrainer(
+            model=student, teacher_model=[tiny_classifier(2), tiny_classifier(2)], args=make_args(tmp_path)
+        )
+    teacher = tiny_classifier(2)
+    cached = cache_teacher_logits(keyword_dataset(8), teacher, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="cached logits would be stale"):
+        OnlineDistillTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=make_args(tmp_path),
+            train_dataset=cached,
+            processing_class=tokenizer,
+        )

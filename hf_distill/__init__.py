@@ -2,6 +2,7 @@
 
 from .data import DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
 from .distillation import DistillationTrainer, DistillationTrainingArguments
+from .lgtm import LGTMTrainer, LGTMTrainingArguments
 from .metrics import GLUE_TASKS, glue_compute_metrics, glue_metrics, is_regression_task
 from .objectives import (
     DISTILL_LOSSES,
@@ -14,6 +15,7 @@ from .objectives import (
     reverse_kl_divergence,
 )
 from .online import OnlineDistillTrainer, OnlineDistillTrainingArguments
+from .quiz import QuizDistillTrainer, QuizDistillTrainingArguments, split_quiz
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,11 @@ __all__ = [
     "glue_metrics",
     "is_regression_task",
     "kl_divergence",
+    "LGTMTrainer",
+    "LGTMTrainingArguments",
+    "QuizDistillTrainer",
+    "QuizDistillTrainingArguments",
+    "split_quiz",
     "OnlineDistillTrainer",
     "OnlineDistillTrainingArguments",
     "logit_mse",

@@ -16,6 +16,11 @@ DISTILL_LOSSES = ("kl", "mse", "dist", "jsd", "reverse_kl")
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: half-precision logits are upcast, float64 ones are kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()
@@ -50,8 +55,8 @@ def kl_divergence(
     The τ² factor keeps the gradient scale constant across temperatures (Hinton et al. 2015).
     """
     _check_shapes(student_logits, teacher_logits)
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_s = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
     per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     if scale_by_temperature_squared:
         per_sample = per_sample * temperature**2
@@ -74,7 +79,7 @@ def logit_mse(
 ) -> torch.Tensor:
     """Logit matching: mean over classes of ``(z_s − z_t)²`` (the high-temperature limit of KD)."""
     _check_shapes(student_logits, teacher_logits)
-    per_sample = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+    per_sample = (_upcast(student_logits) - _upcast(teacher_logits)).pow(2).mean(-1)
     return _reduce(per_sample, reduction)
 
 
@@ -103,8 +108,8 @@ def generalized_jsd(
             student_logits, teacher_logits, temperature, scale_by_temperature_squared, reduction
         )
     _check_shapes(student_logits, teacher_logits)
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_s = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
     beta_t = torch.tensor(beta, dtype=log_p_s.dtype, device=log_p_s.device)
     log_m = torch.logsumexp(torch.stack([log_p_t + torch.log(beta_t), log_p_s + torch.log1p(-beta_t)]), dim=0)
     kl_t_m = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
@@ -140,8 +145,8 @@ def dist_loss(
     _check_shapes(student_logits, teacher_logits)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
-    p_s = F.softmax(student_logits.float() / temperature, dim=-1)
-    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    p_s = F.softmax(_upcast(student_logits) / temperature, dim=-1)
+    p_t = F.softmax(_upcast(teacher_logits) / temperature, dim=-1)
     inter = 1.0 - _pearson_rows(p_s, p_t)
     scale = temperature**2 if scale_by_temperature_squared else 1.0
     if reduction == "none":
@@ -220,7 +225,7 @@ def ensemble_teacher_logits(
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"Teacher weights must be non-negative with a positive sum, got {list(weights)}.")
     w = w / w.sum()
-    stacked = torch.stack([z.float() for z in teacher_logits])  # (K, ..., C)
+    stacked = torch.stack([_upcast(z) for z in teacher_logits])  # (K, ..., C)
     w = w.view(-1, *([1] * (stacked.dim() - 1)))
     if average == "logits":
         return (w * stacked).sum(0)

@@ -229,25 +229,30 @@ def create_teacher_optimizer(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)
 
 
+def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of each tensor over all processes (one flat all-reduce); unchanged outside a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensors
+    world = torch.distributed.get_world_size()
+    if world == 1 or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    return [
+        chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+    ]
+
+
 def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
     """Mean of each gradient over all ranks.
 
     The teacher is not wrapped in DDP (its gradients may come from torch.autograd.grad, which bypasses
-    DDP's reducer), so its gradients are averaged explicitly, in one flat buffer.
+    DDP's reducer), so its gradients are averaged explicitly.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(parameters, grads, strict=True):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    for p, g in zip(parameters, all_reduce_mean(grads), strict=True):
+        p.grad = g
 
 
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:

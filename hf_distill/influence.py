@@ -1,0 +1,107 @@
+"""Distillation influence (shared/ALGORITHMS.md §5): pure functions of tensors.
+
+The influence of training sample i on the student's generalisation is ``w_i = ∇θs ℓ_i · v`` with ``v`` the
+student's quiz gradient after a lookahead step. These functions compute the lookahead, the finite-difference
+and the exact per-sample weights; the trainer wires them to models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def adamw_lookahead(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[dict],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> list[torch.Tensor]:
+    """The parameters one `torch.optim.AdamW` step would produce, without touching params or state.
+
+    ``states`` are the optimizer's per-parameter states (``exp_avg``, ``exp_avg_sq``, ``step``; empty
+    before the first step). Decoupled weight decay and bias correction exactly as torch's AdamW.
+    """
+    beta1, beta2 = betas
+    updated = []
+    for p, g, state in zip(params, grads, states, strict=True):
+        p, g = p.detach(), g.detach()
+        step = float(state["step"]) + 1.0 if "step" in state else 1.0
+        exp_avg = state["exp_avg"] * beta1 + g * (1 - beta1) if "exp_avg" in state else g * (1 - beta1)
+        exp_avg_sq = (
+            state["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
+            if "exp_avg_sq" in state
+            else g * g * (1 - beta2)
+        )
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = exp_avg_sq.sqrt() / (bias_correction2**0.5) + eps
+        new = p * (1 - lr * weight_decay) - (lr / bias_correction1) * exp_avg / denom
+        updated.append(new)
+    return updated
+
+
+def sgd_lookahead(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float
+) -> list[torch.Tensor]:
+    """``θ − lr · g`` for every parameter."""
+    return [p.detach() - lr * g.detach() for p, g in zip(params, grads, strict=True)]
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all tensors taken together."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+def clip_by_global_norm(grads: Sequence[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """Scale gradients as `torch.nn.utils.clip_grad_norm_` would (``max_norm <= 0``: unchanged)."""
+    if max_norm <= 0:
+        return list(grads)
+    scale = (max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
+    return [g * scale for g in grads]
+
+
+def fd_epsilon(direction: Sequence[torch.Tensor], radius: float) -> float:
+    """The finite-difference step ``ε = r / ‖v‖`` (the LGTM reference's choice, r = 0.01)."""
+    norm = float(global_norm(direction))
+    if norm == 0.0:
+        raise ValueError("The quiz gradient v is zero, so the finite-difference step r/‖v‖ is undefined.")
+    return radius / norm
+
+
+def perturbed(
+    params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], step: float
+) -> list[torch.Tensor]:
+    """``θ + step · v`` for every parameter."""
+    return [p.detach() + step * d for p, d in zip(params, direction, strict=True)]
+
+
+def finite_difference_influence(
+    loss_plus: torch.Tensor, loss_minus: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    """Per-sample ``w_i ≈ [ℓ_i(θs + εv) − ℓ_i(θs − εv)] / (2ε)``; keeps the graph to the teacher."""
+    return (loss_plus - loss_minus) / (2.0 * epsilon)
+
+
+def exact_logit_influence(
+    per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_logit_tangent: torch.Tensor,
+) -> torch.Tensor:
+    """Exact per-sample ``w_i = ∇θs ℓ_i · v``, with the graph to the teacher kept.
+
+    By the chain rule ``∇θs ℓ_i · v = ⟨∂ℓ_i/∂z_s,i , (J_s v)_i⟩``: ``student_logit_tangent`` is the forward-mode
+    product ``J_s v`` (one `torch.func.jvp` of the student), and ``∂ℓ_i/∂z_s`` is taken with
+    ``create_graph=True`` at the logits, so the teacher gradient of Σ w_i is a double backward through the
+    loss only, never through the student.
+    """
+    z_s = student_logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        losses = per_sample_loss(z_s, teacher_logits)
+        (d_loss,) = torch.autograd.grad(losses.sum(), z_s, create_graph=True)
+    return (d_loss * student_logit_tangent.detach()).sum(-1)

@@ -1,0 +1,234 @@
+"""LGTMTrainer on tiny BERT models: the step's effects, its cost in passes, quiz hygiene and errors."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import keyword_dataset, tiny_classifier
+
+from hf_distill import LGTMTrainer, LGTMTrainingArguments, kl_divergence
+
+
+def make_args(tmp_path, **overrides) -> LGTMTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        teacher_learning_rate=1e-3,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        quiz_split=0.25,
+        temperature=1.0,
+        max_grad_norm=0,
+    )
+    return LGTMTrainingArguments(**{**defaults, **overrides})
+
+
+def make_trainer(tmp_path, tokenizer, n=48, **overrides) -> LGTMTrainer:
+    return LGTMTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=make_args(tmp_path, **overrides),
+        train_dataset=keyword_dataset(n),
+        processing_class=tokenizer,
+    )
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+@pytest.mark.parametrize("mode", ["finite_difference", "exact"])
+def test_one_step_updates_teacher_then_student_with_the_updated_teacher(tmp_path, tokenizer, mode):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1, influence_mode=mode, alpha=0.5)
+    student = trainer.model
+    student_before = copy.deepcopy(student)
+    teacher_before = copy.deepcopy(trainer.teacher_model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+
+    teacher_after = trainer.teacher_model
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(teacher_before.parameters(), teacher_after.parameters(), strict=True)
+    )
+    # The real student step: AdamW on the student's loss against the *updated* teacher, from a clean state.
+    reference = copy.deepcopy(student_before).train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    with torch.no_grad():
+        z_t = teacher_after.eval()(**model_inputs(batch)).logits
+    z_s = reference(**model_inputs(batch)).logits
+    loss = 0.5 * kl_divergence(z_s, z_t, temperature=1.0) + 0.5 * F.cross_entropy(z_s, batch["labels"])
+    loss.backward()
+    optimizer.step()
+    for (name, value), expected in zip(student.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+    # The lookahead did not advance the student's optimizer: one real step only.
+    state = (
+        trainer.optimizer.optimizer.state
+        if hasattr(trainer.optimizer, "optimizer")
+        else trainer.optimizer.state
+    )
+    assert {int(s["step"]) for s in state.values()} == {1}
+
+    record = trainer.latest_influence
+    assert record["step"] == 0 and record["influence"].shape == (8,)
+    assert torch.equal(record["idx"], batch["idx"])
+    teacher_probs = z_t.softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
+    torch.testing.assert_close(record["teacher_gold_prob"], teacher_probs)
+    log = trainer.state.log_history[0]
+    for key in (
+        "influence_mean",
+        "influence_std",
+        "influence_min",
+        "influence_max",
+        "influence_frac_negative",
+        "teacher_grad_norm_aux",
+        "teacher_grad_norm_influence",
+        "quiz_loss",
+    ):
+        assert key in log, key
+
+
+def test_finite_difference_and_exact_modes_agree(tmp_path, tokenizer):
+    results = []
+    for mode in ("finite_difference", "exact"):
+        trainer = make_trainer(tmp_path / mode, tokenizer, max_steps=2, influence_mode=mode)
+        trainer.train()
+        results.append(trainer.latest_influence["influence"])
+    torch.testing.assert_close(results[0], results[1], rtol=2e-2, atol=1e-7)
+
+
+def test_influence_scale_changes_the_teacher_update(tmp_path, tokenizer):
+    """With a large λ the influence term dominates the teacher's gradient; with λ = 0 it is online KD."""
+    teachers = []
+    for scale in (0.0, 1e4):
+        trainer = make_trainer(tmp_path / str(scale), tokenizer, max_steps=1, influence_scale=scale)
+        trainer.train()
+        teachers.append(dict(trainer.teacher_model.named_parameters()))
+        log = trainer.state.log_history[0]
+        if scale == 0.0:
+            assert log["teacher_grad_norm_influence"] == 0.0
+        else:
+            assert log["teacher_grad_norm_influence"] > log["teacher_grad_norm_aux"]
+    assert any(not torch.equal(teachers[0][n], teachers[1][n]) for n in teachers[0])
+
+
+class PassCounter:
+    """Counts forward calls of a module and backward passes through its outputs."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.forwards = 0
+        self.backwards = 0
+        module.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, args, output):
+        self.forwards += 1
+        logits = output.logits
+        if logits.requires_grad:
+
+            def count(grad):
+                self.backwards += 1
+
+            logits.register_hook(count)
+
+
+@pytest.mark.parametrize(("mode", "student_forwards"), [("finite_difference", 4), ("exact", 3)])
+def test_passes_per_step(tmp_path, tokenizer, mode, student_forwards):
+    # logging_steps large: the separate-norm backward of logging steps is not in the count.
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=2, influence_mode=mode, logging_steps=1000)
+    student_counter = PassCounter(trainer.model)
+    teacher_counter = PassCounter(trainer.teacher_model)
+    trainer.train()
+    steps = 2
+    # Teacher: one forward with its graph (aux + both influence terms) and one no-grad forward for the soft
+    # labels of the updated teacher; one backward.
+    assert teacher_counter.forwards == 2 * steps
+    assert teacher_counter.backwards == 1 * steps
+    # Student: its training forward, the quiz forward at θs', then θs+ and θs− (FD) or one jvp (exact).
+    assert student_counter.forwards == student_forwards * steps
+    # Backwards through the student: the lookahead gradient, the quiz gradient, the real step.
+    assert student_counter.backwards == 3 * steps
+
+
+def test_quiz_rows_never_appear_in_training_batches(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, n=40, num_train_epochs=2)
+    quiz_ids = set(trainer.quiz_dataset["idx"])
+    assert len(quiz_ids) == 10
+    train_ids = set()
+    for batch in trainer.get_train_dataloader():
+        train_ids |= set(batch["idx"].tolist())
+    assert train_ids.isdisjoint(quiz_ids) and len(train_ids) == 30
+    seen = []
+    original = trainer.quiz_batch
+
+    def spy(step=None):
+        batch = original(step)
+        seen.extend(batch["idx"].tolist())
+        return batch
+
+    trainer.quiz_batch = spy
+    trainer.train()
+    assert set(seen) <= quiz_ids and len(seen) == 8 * trainer.state.global_step
+
+
+def test_eval_set_as_quiz_is_explicit_and_warned(tmp_path, tokenizer, caplog):
+    data = keyword_dataset(24)
+    with caplog.at_level(logging.WARNING, logger="hf_distill.quiz"):
+        trainer = LGTMTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=make_args(tmp_path),
+            train_dataset=keyword_dataset(24, seed=3),
+            eval_dataset=data,
+            quiz_dataset=data,
+            processing_class=tokenizer,
+        )
+    assert "no longer clean" in caplog.text
+    assert len(trainer.train_dataset) == 24  # nothing carved out of the training set
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"influence_mode": "approx"}, "influence_mode='approx' is unknown"),
+        ({"fd_radius": 0.0}, "fd_radius must be > 0"),
+        ({"influence_loss": "ce"}, "influence_loss='ce' is unknown"),
+        ({"lookahead": "adam"}, "lookahead='adam' is unknown"),
+        ({"influence_scale": -1.0}, "influence_scale must be >= 0"),
+        ({"quiz_split": 0.0}, "quiz_split must be in"),
+        ({"influence_loss": "student_kl", "distill_loss": "dist"}, "per-sample distillation loss"),
+    ],
+)
+def test_bad_arguments(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_unsupported_settings_are_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="single-label sequence classification"):
+        LGTMTrainer(
+            model=tiny_classifier(1, num_labels=1),
+            teacher_model=tiny_classifier(2, num_labels=1),
+            args=make_args(tmp_path),
+            train_dataset=keyword_dataset(16).map(lambda r: {"label": float(r["label"])}),
+            processing_class=tokenizer,
+        )
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        make_trainer(tmp_path, tokenizer, gradient_accumulation_steps=2)
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1, optim="sgd")
+    student_before = copy.deepcopy(trainer.model.state_dict())
+    with pytest.raises(ValueError, match="lookahead='sgd'"):
+        trainer.train()
+    assert all(
+        torch.equal(v, trainer.model.state_dict()[k]) for k, v in student_before.items()
+    )  # no step taken

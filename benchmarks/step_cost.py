@@ -1,7 +1,7 @@
 """Time and peak memory of one optimisation step per method, interleaved in one process.
 
     python benchmarks/step_cost.py                       # MiniLM-L6 teacher → its first 3 layers
-    python benchmarks/step_cost.py --methods kd online --rounds 3 --steps 5 --batch_size 16 --seq_len 128
+    python benchmarks/step_cost.py --methods kd lgtm lgtm_exact --rounds 3 --steps 4 --batch_size 32 --seq_len 128
 
 Every method runs the same student on the same fixed-length random batches through its real trainer
 (`trainer.train()`), and a callback times each optimisation step (on_step_begin → on_step_end). Methods
@@ -41,11 +41,14 @@ from transformers import (  # noqa: E402
 from hf_distill import (  # noqa: E402
     DistillationTrainer,
     DistillationTrainingArguments,
+    LGTMTrainer,
+    LGTMTrainingArguments,
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
+from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments  # noqa: E402
 
-METHODS = ("finetune", "kd", "online")
+METHODS = ("finetune", "kd", "online", "lgtm", "lgtm_exact", "meta")
 
 
 class StepTimer(TrainerCallback):
@@ -134,6 +137,25 @@ def make_trainer(method: str, args: argparse.Namespace, data: datasets.Dataset, 
             train_dataset=data,
             callbacks=[timer],
         )
+    if method in ("lgtm", "lgtm_exact"):
+        mode = "exact" if method == "lgtm_exact" else "finite_difference"
+        return LGTMTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=LGTMTrainingArguments(**common, evaluate_teacher=False, influence_mode=mode),
+            train_dataset=data,
+            quiz_dataset=data,  # a separate quiz set changes nothing in the cost; same batch shape
+            callbacks=[timer],
+        )
+    if method == "meta":
+        return MetaDistillTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=MetaDistillTrainingArguments(**common, evaluate_teacher=False),
+            train_dataset=data,
+            quiz_dataset=data,  # as for lgtm: the quiz batch has the training batch's shape
+            callbacks=[timer],
+        )
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -147,7 +169,7 @@ def main() -> None:
     )
     parser.add_argument("--from_config", action="store_true", help="random weights with the model's shapes")
     parser.add_argument("--student_layers", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every method)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per method per round")

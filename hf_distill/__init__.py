@@ -1,5 +1,6 @@
 """hf_distill: knowledge distillation as drop-in `transformers.Trainer` subclasses."""
 
+from .callbacks import InfluenceLoggerCallback
 from .data import DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
 from .distillation import DistillationTrainer, DistillationTrainingArguments
 from .lgtm import LGTMTrainer, LGTMTrainingArguments
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DISTILL_LOSSES",
     "GLUE_TASKS",
+    "InfluenceLoggerCallback",
     "DistillationDataCollator",
     "DistillationTrainer",
     "DistillationTrainingArguments",

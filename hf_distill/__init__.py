@@ -4,6 +4,7 @@ from .callbacks import InfluenceLoggerCallback
 from .data import DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
 from .distillation import DistillationTrainer, DistillationTrainingArguments
 from .lgtm import LGTMTrainer, LGTMTrainingArguments
+from .meta import MetaDistillTrainer, MetaDistillTrainingArguments
 from .metrics import GLUE_TASKS, glue_compute_metrics, glue_metrics, is_regression_task
 from .objectives import (
     DISTILL_LOSSES,
@@ -38,6 +39,8 @@ __all__ = [
     "is_regression_task",
     "kl_divergence",
     "LGTMTrainer",
+    "MetaDistillTrainer",
+    "MetaDistillTrainingArguments",
     "LGTMTrainingArguments",
     "QuizDistillTrainer",
     "QuizDistillTrainingArguments",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,19 +21,29 @@ from transformers import EvalPrediction, SchedulerType, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .data import TEACHER_LOGITS, dataset_columns, split_batch
-from .distillation import DistillationTrainer, DistillationTrainingArguments
+from .distillation import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    hf_api,
+    upload_staged_folder,
+)
+from .model_card import TeacherInfo, build_teacher_card, final_eval_metrics
 from .objectives import kl_divergence, logit_mse
 from .teacher import (
     average_gradients_across_processes,
     broadcast_parameters,
     check_learning_teacher_supported,
     check_teacher_can_learn,
+    count_parameters,
     create_teacher_optimizer,
     load_teacher_optimizer_state,
     load_teacher_weights,
     save_teacher_state,
     trainable_parameters,
 )
+
+# The folder, inside output_dir, from which `push_teacher_to_hub` uploads the teacher.
+HUB_TEACHER_STAGING_DIR = "_hub_teacher"
 
 
 @dataclass
@@ -347,6 +358,51 @@ class OnlineDistillTrainer(DistillationTrainer):
         tokenizer = self.teacher_processing_class or self.processing_class
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
+
+    def push_teacher_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = "Upload the trained teacher",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        blocking: bool = True,
+    ) -> Any:
+        """Upload the live teacher to the Hub repository ``repo_id`` (created if needed), with a model card.
+
+        The folder is what `save_teacher` writes (weights as safetensors, config, the teacher's tokenizer)
+        plus ``README.md``, which says the teacher was trained by this method for the student (``hub_model_id``,
+        or ``output_dir``'s name). Only the world process zero uploads; returns `HfApi.upload_folder`'s result.
+        """
+        if not self.is_world_process_zero():
+            return None
+        token = token if token is not None else self.args.hub_token
+        staging = os.path.join(self.args.output_dir, HUB_TEACHER_STAGING_DIR)
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+        self.save_teacher(staging)
+        teacher = unwrap_model_keep_peft(self.teacher_models[0])
+        identity, initial_revision = self._teacher_sources[0]
+        card = build_teacher_card(
+            method=self.method_name,
+            model_name=repo_id.split("/")[-1],
+            teacher=TeacherInfo(identity, initial_revision, count_parameters(teacher)),
+            student=self.hub_model_id or self.args.hub_model_id or self._hub_model_name(),
+            hyperparameters=self._card_hyperparameters(),
+            teacher_metrics=final_eval_metrics(self.state.log_history)[1],
+            library_name="peft" if hasattr(teacher, "peft_config") else "transformers",
+        )
+        card.save(os.path.join(staging, "README.md"))
+        private = private if private is not None else self.args.hub_private_repo
+        repo_id = hf_api().create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+        return upload_staged_folder(
+            staging,
+            blocking,
+            repo_id=repo_id,
+            commit_message=commit_message,
+            token=token,
+            revision=revision,
+        )
 
 
 def unwrap_model_keep_peft(model: nn.Module) -> nn.Module:

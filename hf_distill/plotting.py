@@ -208,7 +208,7 @@ def plot_sample_trajectories(
         ax.set_title(f"sample {sample}: {steps.size} steps", fontsize=9, loc="left")
     axes[-1].set_xlabel("training step")
     handles, labels = axes[chosen.index(present[0])].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside upper center", ncols=3, fontsize=8, frameon=False)
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     figure.suptitle(
         f"Influence weight per sample (correct = gold-label probability > {correct_threshold:g})", fontsize=10
     )

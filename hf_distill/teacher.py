@@ -68,6 +68,11 @@ def task_type(model: nn.Module) -> str | None:
     return None
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of a model, shared ones once (DeepSpeed ZeRO-3 shards counted whole)."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in unwrap_model(model).parameters())
+
+
 def forward_arg_names(model: nn.Module) -> set[str]:
     """Names the model's ``forward`` accepts explicitly (``**kwargs`` excluded)."""
     params = inspect.signature(unwrap_model(model).forward).parameters
@@ -98,8 +103,26 @@ def load_teacher(
             f"Cannot tell which Auto class loads a teacher for a student of class "
             f"{type(unwrap_model(student)).__name__}; load the teacher yourself and pass the module."
         )
-    kwargs = {"use_safetensors": True, **(init_kwargs or {})}
-    return _AUTO_CLASS[task].from_pretrained(str(teacher), **kwargs)
+    kwargs = dict(init_kwargs or {})
+    if kwargs.get("use_safetensors", True) is not True:
+        raise ValueError(
+            "Teachers are loaded from safetensors only (a pickled checkpoint can run code when it is loaded); "
+            "remove use_safetensors from teacher_model_init_kwargs, or load the teacher yourself and pass the "
+            "module."
+        )
+    kwargs["use_safetensors"] = True
+    path = os.fsdecode(teacher)
+    if os.path.isdir(path) and not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise ValueError(
+            f"The teacher folder {path} has no safetensors weights"
+            + (f" (only {', '.join(pickled)})" if pickled else "")
+            + ". hf_distill loads teachers from safetensors only, since a pickled checkpoint can run code when "
+            "it is loaded. If you trust the file, convert it once with "
+            "`AutoModel.from_pretrained(path).save_pretrained(path)` (transformers writes safetensors), or "
+            "load the teacher yourself and pass the module."
+        )
+    return _AUTO_CLASS[task].from_pretrained(path, **kwargs)
 
 
 def freeze(model: nn.Module) -> nn.Module:

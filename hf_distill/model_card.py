@@ -1,0 +1,562 @@
+"""Model cards for distilled students (and trained teachers), built from plain inputs.
+
+Everything here is a pure function of plain values (method name, hyperparameters, teacher ids, metrics,
+parameter counts, `Trainer.state.log_history`), so cards can be built and tested without a trainer, a
+model or the network. The trainers gather those values (`DistillationTrainer.create_model_card`) and
+write the card as ``README.md`` next to the student's weights; `huggingface_hub.ModelCardData` writes its
+YAML metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+LOCAL = "local"
+LIBRARY_TAG = "hf-distill"
+DISTILLATION_TAG = "knowledge-distillation"
+TEACHER_TAG = "distillation-teacher"
+
+# Datasets made from local files: their builder names are not datasets on the Hub.
+_FILE_BUILDERS = {
+    "csv",
+    "json",
+    "pandas",
+    "parquet",
+    "text",
+    "arrow",
+    "generator",
+    "imagefolder",
+    "audiofolder",
+}
+# Evaluation entries that describe the run, not the model.
+_RUN_STATS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+# One entry per trainer's `method_name`: a short title, the paper, and its BibTeX.
+METHODS: dict[str, dict[str, str]] = {
+    "kd": {
+        "title": "classic knowledge distillation",
+        "paper": "Hinton et al., 2015, Distilling the Knowledge in a Neural Network",
+        "url": "https://arxiv.org/abs/1503.02531",
+        "bibtex": """@article{hinton2015distilling,
+  title   = {Distilling the Knowledge in a Neural Network},
+  author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
+  journal = {arXiv preprint arXiv:1503.02531},
+  year    = {2015}
+}""",
+    },
+    # Our online trainer updates the teacher on alpha_t * KL(p_s || p_t) + (1 - alpha_t) * CE before each
+    # student step: the ProKT baseline of the LGTM paper (not deep mutual learning's symmetric peers).
+    "online": {
+        "title": "online distillation (the teacher learns with the student, ProKT)",
+        "paper": "Shi et al., 2021, Follow Your Path: a Progressive Method for Knowledge Distillation",
+        "url": "https://arxiv.org/abs/2107.09305",
+        "bibtex": """@inproceedings{shi2021follow,
+  title     = {Follow Your Path: A Progressive Method for Knowledge Distillation},
+  author    = {Shi, Wenxian and Song, Yuxuan and Zhou, Hao and Li, Bohan and Li, Lei},
+  booktitle = {Machine Learning and Knowledge Discovery in Databases (ECML PKDD 2021)},
+  year      = {2021}
+}""",
+    },
+    "meta": {
+        "title": "meta distillation (MetaDistil)",
+        "paper": "Zhou et al., ACL 2022, BERT Learns to Teach: Knowledge Distillation with Meta Learning",
+        "url": "https://aclanthology.org/2022.acl-long.485/",
+        "bibtex": """@inproceedings{zhou2022bert,
+  title     = {{BERT} Learns to Teach: Knowledge Distillation with Meta Learning},
+  author    = {Zhou, Wangchunshu and Xu, Canwen and McAuley, Julian},
+  booktitle = {Proceedings of the 60th Annual Meeting of the Association for Computational Linguistics},
+  year      = {2022}
+}""",
+    },
+    "lgtm": {
+        "title": "LGTM (distillation influence)",
+        "paper": "Ren et al., ACL 2023, Tailoring Instructions to Student's Learning Levels Boosts "
+        "Knowledge Distillation",
+        "url": "https://aclanthology.org/2023.acl-long.111/",
+        "bibtex": """@inproceedings{ren2023tailoring,
+  title     = {Tailoring Instructions to Student's Learning Levels Boosts Knowledge Distillation},
+  author    = {Ren, Yuxin and Zhong, Zihan and Shi, Xingjian and Zhu, Yi and Yuan, Chun and Li, Mu},
+  booktitle = {Proceedings of the 61st Annual Meeting of the Association for Computational Linguistics},
+  year      = {2023}
+}""",
+    },
+}
+
+# Hyperparameters worth a place in the YAML metadata (all of them go in the card's table).
+KEY_HYPERPARAMETERS = (
+    "temperature",
+    "alpha",
+    "distill_loss",
+    "teacher_learning_rate",
+    "teacher_alpha",
+    "quiz_split",
+    "influence_mode",
+)
+
+
+@dataclass
+class TeacherInfo:
+    """Where a teacher came from: a Hub id (or ``"local"``), its revision when known, and its size."""
+
+    id: str = LOCAL
+    revision: str | None = None
+    num_parameters: int | None = None
+
+
+@dataclass
+class DistillationRun:
+    """Everything a student's card says, as plain values.
+
+    Args:
+        method: the trainer's ``method_name`` (``kd``, ``online``, ``meta``, ``lgtm`` or a custom one).
+        model_name: the card's title (the Hub repository's name).
+        teachers: one `TeacherInfo` per teacher (several for an ensemble).
+        student_parameters: the student's parameter count.
+        base_model: the Hub id the student was initialised from, or None.
+        base_model_note: how the student was initialised when ``base_model`` is None (e.g. ``"local"``).
+        hyperparameters: the distillation arguments (and a few of `Trainer`'s), name to value.
+        student_metrics: the final evaluation metrics of the student, without the ``eval_`` prefix.
+        teacher_metrics: the final evaluation metrics of the teacher, without the ``eval_teacher_`` prefix.
+        eval_step: the training step of the final evaluation.
+        dataset_name: a human-readable name of the training data.
+        dataset_tags: Hub dataset ids for the metadata.
+        influence_summary: `summarize_influence`'s output (LGTM runs).
+        repo_id: the repository (or folder) the usage snippet loads from.
+        pipeline_tag: the Hub task of the student (``text-classification``, ...).
+        language: card metadata.
+        license: card metadata.
+        tags: tags added to the standard ones.
+        library_name: ``transformers``, or ``peft`` for an adapter.
+        auto_class: the `transformers` Auto class of the usage snippet.
+    """
+
+    method: str
+    model_name: str
+    teachers: list[TeacherInfo] = field(default_factory=list)
+    student_parameters: int | None = None
+    base_model: str | None = None
+    base_model_note: str | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    student_metrics: dict[str, float] = field(default_factory=dict)
+    teacher_metrics: dict[str, float] = field(default_factory=dict)
+    eval_step: int | None = None
+    dataset_name: str | None = None
+    dataset_tags: list[str] = field(default_factory=list)
+    influence_summary: dict[str, Any] | None = None
+    repo_id: str | None = None
+    pipeline_tag: str | None = None
+    language: str | list[str] | None = None
+    license: str | None = None
+    tags: list[str] = field(default_factory=list)
+    library_name: str = "transformers"
+    auto_class: str = "AutoModel"
+
+
+# ----- identifying models and data -------------------------------------------------------------------------
+
+
+def is_hub_id(name: Any) -> bool:
+    """Whether ``name`` reads as a Hub repository id rather than a local folder."""
+    if not isinstance(name, str) or not name or os.path.exists(name):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def cached_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit of ``repo_id`` at ``revision`` as recorded in the local Hub cache (no network), or None."""
+    if revision is not None and _COMMIT.match(revision):
+        return revision
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an invalid id or revision: nothing to report
+        return None
+    if isinstance(path, str):
+        commit = Path(path).parent.name
+        if _COMMIT.match(commit):
+            return commit
+    return None
+
+
+def describe_source(name_or_path: Any, revision: str | None = None) -> tuple[str, str | None]:
+    """(id, revision) of a model given as a string or read from ``config._name_or_path``.
+
+    A Hub id keeps its name and gets the cached commit of ``revision`` when the cache has it (else
+    ``revision`` itself); a local folder, or a model built from a configuration, is ``("local", None)``:
+    a card on the Hub should not carry a path on the author's machine.
+    """
+    name = os.fspath(name_or_path) if hasattr(name_or_path, "__fspath__") else name_or_path
+    if not is_hub_id(name):
+        return LOCAL, None
+    return name, cached_commit(name, revision) or revision
+
+
+def dataset_name_and_tags(dataset: Any) -> tuple[str | None, list[str]]:
+    """A `datasets.Dataset`'s name (``builder/config``) and Hub tag, or (None, []) when it has none."""
+    info = getattr(dataset, "info", None)
+    builder = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    if not builder or builder in _FILE_BUILDERS:
+        return None, []
+    config = getattr(info, "config_name", None)
+    name = builder if not config or config == "default" else f"{builder}/{config}"
+    return name, [builder]
+
+
+# ----- reading the training logs ---------------------------------------------------------------------------
+
+
+def final_eval_metrics(
+    log_history: Iterable[Mapping[str, Any]], prefix: str = "eval", up_to_step: int | None = None
+) -> tuple[dict[str, float], dict[str, float], int | None]:
+    """(student metrics, teacher metrics, step) of the latest evaluation in ``log_history``.
+
+    Student metrics are the ``<prefix>_*`` entries, teacher metrics the ``<prefix>_teacher_*`` ones (the
+    online trainers log them right after the student's); both lose their prefix. Run statistics
+    (runtime, samples per second, epoch) are left out; a metric missing from the latest evaluation keeps
+    its latest value. ``up_to_step`` ignores entries logged after that step (the best checkpoint's step,
+    when the best model was loaded at the end of training).
+    """
+    student: dict[str, float] = {}
+    teacher: dict[str, float] = {}
+    step = None
+    teacher_prefix = f"{prefix}_teacher_"
+    for entry in log_history:
+        if up_to_step is not None and entry.get("step", 0) > up_to_step:
+            continue
+        for key, value in entry.items():
+            if not key.startswith(f"{prefix}_") or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                continue
+            if key.startswith(teacher_prefix):
+                name, target = key[len(teacher_prefix) :], teacher
+            else:
+                name, target = key[len(prefix) + 1 :], student
+                step = entry.get("step", step)
+            if name not in _RUN_STATS:
+                target[name] = float(value)
+    return student, teacher, step
+
+
+def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return statistics.fmean(values) if values else None
+
+
+def summarize_influence(log_history: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Summary of LGTM's influence metrics over training, from the logged ``influence_*`` values.
+
+    Returns None when nothing was logged. Otherwise: the number of logged steps and their range, the mean
+    fraction of negative weights and the mean weight over all logged steps, over the first third and over
+    the last third of them, and (when logged) the median ratio of the influence part of the teacher's
+    gradient norm to the auxiliary part.
+    """
+    rows = [e for e in log_history if "influence_frac_negative" in e]
+    if not rows:
+        return None
+    third = max(1, len(rows) // 3)
+    early, late = rows[:third], rows[-third:]
+    summary: dict[str, Any] = {
+        "logged_steps": len(rows),
+        "first_step": rows[0].get("step"),
+        "last_step": rows[-1].get("step"),
+        "frac_negative": _mean(rows, "influence_frac_negative"),
+        "frac_negative_early": _mean(early, "influence_frac_negative"),
+        "frac_negative_late": _mean(late, "influence_frac_negative"),
+        "influence_mean": _mean(rows, "influence_mean"),
+        "influence_mean_early": _mean(early, "influence_mean"),
+        "influence_mean_late": _mean(late, "influence_mean"),
+    }
+    ratios = [
+        r["teacher_grad_norm_influence"] / r["teacher_grad_norm_aux"]
+        for r in rows
+        if r.get("teacher_grad_norm_aux") and "teacher_grad_norm_influence" in r
+    ]
+    summary["grad_norm_ratio"] = statistics.median(ratios) if ratios else None
+    return summary
+
+
+def influence_paragraph(summary: Mapping[str, Any]) -> str:
+    """One paragraph describing `summarize_influence`'s output in words."""
+    steps = summary["logged_steps"]
+    span = (
+        f" (steps {summary['first_step']}–{summary['last_step']})"
+        if summary.get("first_step") is not None and summary.get("last_step") != summary.get("first_step")
+        else ""
+    )
+    text = (
+        f"Over the {steps} logged training step{'s' if steps != 1 else ''}{span}, "
+        f"{_percent(summary['frac_negative'])} of each batch's per-sample distillation-influence weights "
+        "were negative on average: samples whose distillation, in the lookahead, would have raised the "
+        "student's quiz loss, which the teacher's update weighs against"
+    )
+    if steps >= 3:
+        text += (
+            f" ({_percent(summary['frac_negative_early'])} in the first third of the logged steps, "
+            f"{_percent(summary['frac_negative_late'])} in the last third)"
+        )
+    text += "."
+    if summary.get("influence_mean") is not None:
+        text += f" The mean weight was {_number(summary['influence_mean'])}"
+        if steps >= 3:
+            text += (
+                f" ({_number(summary['influence_mean_early'])} early, "
+                f"{_number(summary['influence_mean_late'])} late)"
+            )
+        text += "."
+    if summary.get("grad_norm_ratio") is not None:
+        text += (
+            " The influence part of the teacher's gradient had a median norm of "
+            f"{_number(summary['grad_norm_ratio'])}× the auxiliary (online-distillation) part."
+        )
+    return text
+
+
+# ----- the card --------------------------------------------------------------------------------------------
+
+
+def key_hyperparameters(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters that go in the YAML metadata (`KEY_HYPERPARAMETERS` present in the run)."""
+    return {k: _plain(hyperparameters[k]) for k in KEY_HYPERPARAMETERS if hyperparameters.get(k) is not None}
+
+
+def compression_ratio(teachers: Sequence[TeacherInfo], student_parameters: int | None) -> float | None:
+    """Teacher parameters (all teachers of an ensemble together) per student parameter."""
+    counts = [t.num_parameters for t in teachers]
+    if not student_parameters or not counts or any(c is None for c in counts):
+        return None
+    return round(sum(counts) / student_parameters, 2)
+
+
+def card_metadata(run: DistillationRun) -> ModelCardData:
+    """The card's YAML metadata: ``base_model``, ``tags``, datasets, results, and a ``distillation`` block."""
+    tags = list(dict.fromkeys([DISTILLATION_TAG, run.method, LIBRARY_TAG, *run.tags]))
+    distillation: dict[str, Any] = {
+        "method": run.method,
+        "teachers": [
+            {"id": t.id, "revision": t.revision, "parameters": t.num_parameters} for t in run.teachers
+        ],
+        "student_parameters": run.student_parameters,
+        "compression_ratio": compression_ratio(run.teachers, run.student_parameters),
+        **key_hyperparameters(run.hyperparameters),
+    }
+    if run.method in METHODS:
+        distillation["paper"] = METHODS[run.method]["url"]
+    if run.teacher_metrics:
+        distillation["teacher_metrics"] = {k: _round(v) for k, v in run.teacher_metrics.items()}
+    if run.influence_summary is not None:
+        distillation["influence"] = {k: _round(v) for k, v in run.influence_summary.items()}
+    eval_results = None
+    if run.dataset_name and run.pipeline_tag:
+        eval_results = [
+            EvalResult(
+                task_type=run.pipeline_tag,
+                dataset_type=run.dataset_tags[0] if run.dataset_tags else run.dataset_name,
+                dataset_name=run.dataset_name,
+                metric_type=name,
+                metric_value=_round(value),
+            )
+            for name, value in run.student_metrics.items()
+            if name != "loss"
+        ] or None
+    return ModelCardData(
+        base_model=run.base_model,
+        datasets=run.dataset_tags or None,
+        eval_results=eval_results,
+        language=run.language,
+        library_name=run.library_name,
+        license=run.license,
+        model_name=run.model_name,
+        pipeline_tag=run.pipeline_tag,
+        tags=tags,
+        distillation=distillation,
+    )
+
+
+def card_body(run: DistillationRun) -> str:
+    """The card's markdown (everything after the metadata)."""
+    method = METHODS.get(run.method)
+    title = method["title"] if method else f"`{run.method}` distillation"
+    lines = [f"# {run.model_name}", ""]
+    teachers = " and ".join(_teacher_text(t) for t in run.teachers) or "an unnamed teacher"
+    intro = f"This model is a student distilled with **{title}**"
+    if method:
+        intro += f" ([{method['paper']}]({method['url']}))"
+    intro += f" from {teachers}, with `hf_distill`."
+    if run.base_model:
+        intro += (
+            f" The student was initialised from [{run.base_model}](https://huggingface.co/{run.base_model})"
+        )
+    elif run.base_model_note == LOCAL:
+        intro += " The student was initialised from a local checkpoint"
+    else:
+        intro += " The student was initialised from a configuration (random weights)"
+    intro += f" and trained on {run.dataset_name or 'an unnamed dataset'}."
+    lines += [intro, ""]
+
+    lines += ["## Size", "", "| model | parameters |", "|---|---|"]
+    lines.append(f"| student | {_count(run.student_parameters)} |")
+    for position, teacher in enumerate(run.teachers):
+        label = "teacher" if len(run.teachers) == 1 else f"teacher {position}"
+        lines.append(f"| {label} (`{teacher.id}`) | {_count(teacher.num_parameters)} |")
+    ratio = compression_ratio(run.teachers, run.student_parameters)
+    if ratio is not None:
+        lines += ["", f"Compression ratio: **{ratio}×** fewer parameters than the teacher."]
+    lines.append("")
+
+    lines += ["## Results", ""]
+    if run.student_metrics or run.teacher_metrics:
+        names = list(dict.fromkeys([*run.student_metrics, *run.teacher_metrics]))
+        at = f" (step {run.eval_step})" if run.eval_step is not None else ""
+        lines += [f"Final evaluation{at}:", "", "| metric | student | teacher |", "|---|---|---|"]
+        for name in names:
+            lines.append(
+                f"| {name} | {_number(run.student_metrics.get(name))} | {_number(run.teacher_metrics.get(name))} |"
+            )
+        if not run.teacher_metrics:
+            lines += [
+                "",
+                "The teacher was not evaluated during training (a frozen teacher is the input model).",
+            ]
+    else:
+        lines.append("No evaluation was run during training.")
+    lines.append("")
+
+    if run.influence_summary is not None:
+        lines += ["## Influence weights", "", influence_paragraph(run.influence_summary), ""]
+
+    lines += ["## Training hyperparameters", "", "| argument | value |", "|---|---|"]
+    for name, value in run.hyperparameters.items():
+        lines.append(f"| `{name}` | {_number(value) if isinstance(value, float) else value} |")
+    lines.append("")
+
+    repo = run.repo_id or run.model_name
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        f"from transformers import {', '.join(sorted({'AutoTokenizer', run.auto_class}))}",
+        "",
+        f'model = {run.auto_class}.from_pretrained("{repo}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        "```",
+        "",
+        "The student is a standard `transformers` model: the teacher is not needed at inference.",
+        "",
+    ]
+    if method:
+        lines += ["## Citation", "", "```bibtex", method["bibtex"], "```", ""]
+    return "\n".join(lines)
+
+
+def build_model_card(run: DistillationRun) -> ModelCard:
+    """The student's `huggingface_hub.ModelCard` (YAML metadata and markdown)."""
+    return ModelCard(f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run)}")
+
+
+def build_teacher_card(
+    method: str,
+    model_name: str,
+    teacher: TeacherInfo,
+    student: str,
+    hyperparameters: Mapping[str, Any],
+    teacher_metrics: Mapping[str, float],
+    library_name: str = "transformers",
+    pipeline_tag: str | None = None,
+) -> ModelCard:
+    """The card of a teacher trained by a learning-teacher method, pushed with `push_teacher_to_hub`."""
+    methods = METHODS.get(method)
+    title = methods["title"] if methods else f"`{method}` distillation"
+    data = ModelCardData(
+        base_model=teacher.id if teacher.id != LOCAL else None,
+        library_name=library_name,
+        model_name=model_name,
+        pipeline_tag=pipeline_tag,
+        tags=[DISTILLATION_TAG, method, LIBRARY_TAG, TEACHER_TAG],
+        distillation={
+            "method": method,
+            "role": "teacher",
+            "student": student,
+            "initial_teacher": {"id": teacher.id, "revision": teacher.revision},
+            **key_hyperparameters(hyperparameters),
+        },
+    )
+    lines = [
+        f"# {model_name}",
+        "",
+        f"This is a **teacher** trained by **{title}** with `hf_distill`, alongside the "
+        f"student `{student}`. It started from "
+        + (f"`{teacher.id}`" if teacher.id != LOCAL else "a local checkpoint")
+        + (f" (revision `{teacher.revision}`)" if teacher.revision else "")
+        + " and was updated at every training step to teach that student: it is not an ordinary "
+        "fine-tune of its task, and the student is usually the model you want.",
+        "",
+    ]
+    if teacher_metrics:
+        lines += ["## Final evaluation", "", "| metric | teacher |", "|---|---|"]
+        lines += [f"| {k} | {_number(v)} |" for k, v in teacher_metrics.items()]
+        lines.append("")
+    if methods:
+        lines += ["## Citation", "", "```bibtex", methods["bibtex"], "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+# ----- formatting -------------------------------------------------------------------------------------------
+
+
+def _teacher_text(teacher: TeacherInfo) -> str:
+    if teacher.id == LOCAL:
+        return "a local teacher checkpoint"
+    text = f"the teacher [{teacher.id}](https://huggingface.co/{teacher.id})"
+    return text + (f" at revision `{teacher.revision}`" if teacher.revision else "")
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-friendly value (enums and other objects become strings)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(getattr(value, "value", value))
+
+
+def _round(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit} ({value:,})"
+    return f"{value:,}"

@@ -1,0 +1,193 @@
+"""hf_distill.model_card: the card's pure functions, without trainers, models or network."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_distill.model_card import (
+    LOCAL,
+    METHODS,
+    DistillationRun,
+    TeacherInfo,
+    build_model_card,
+    build_teacher_card,
+    compression_ratio,
+    dataset_name_and_tags,
+    describe_source,
+    final_eval_metrics,
+    influence_paragraph,
+    summarize_influence,
+)
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_run(**overrides) -> DistillationRun:
+    values = dict(
+        method="lgtm",
+        model_name="tiny-student",
+        teachers=[TeacherInfo("org/teacher", COMMIT, 1000)],
+        student_parameters=250,
+        base_model="org/teacher",
+        hyperparameters={"temperature": 1.0, "alpha": 1.0, "teacher_alpha": 0.4, "fd_radius": 0.01},
+        student_metrics={"loss": 0.4, "accuracy": 0.8},
+        teacher_metrics={"loss": 0.3, "accuracy": 0.9},
+        eval_step=30,
+        dataset_name="glue/sst2",
+        dataset_tags=["glue"],
+        pipeline_tag="text-classification",
+    )
+    return DistillationRun(**{**values, **overrides})
+
+
+def test_final_eval_metrics_takes_the_latest_evaluation_and_separates_the_teacher():
+    history = [
+        {"loss": 0.9, "step": 1},
+        {"eval_loss": 0.7, "eval_accuracy": 0.6, "eval_runtime": 1.0, "epoch": 1.0, "step": 5},
+        {"eval_teacher_loss": 0.5, "eval_teacher_accuracy": 0.7, "step": 5},
+        {"eval_loss": 0.6, "eval_accuracy": 0.75, "eval_samples_per_second": 9.0, "step": 10},
+        {"eval_teacher_loss": 0.4, "eval_teacher_accuracy": 0.8, "step": 10},
+        {"train_runtime": 3.0, "step": 10},
+    ]
+    student, teacher, step = final_eval_metrics(history)
+    assert student == {"loss": 0.6, "accuracy": 0.75}
+    assert teacher == {"loss": 0.4, "accuracy": 0.8}
+    assert step == 10
+    # The best checkpoint's evaluation, when the best model was loaded at the end.
+    assert final_eval_metrics(history, up_to_step=5) == (
+        {"loss": 0.7, "accuracy": 0.6},
+        {"loss": 0.5, "accuracy": 0.7},
+        5,
+    )
+    assert final_eval_metrics([{"loss": 1.0, "step": 1}]) == ({}, {}, None)
+
+
+def test_influence_summary_compares_early_and_late_steps():
+    history = [{"loss": 1.0, "step": 0}]
+    for step, frac in enumerate([0.6, 0.6, 0.4, 0.4, 0.2, 0.2], start=1):
+        history.append(
+            {
+                "influence_frac_negative": frac,
+                "influence_mean": -frac,
+                "teacher_grad_norm_aux": 2.0,
+                "teacher_grad_norm_influence": 0.02,
+                "step": step,
+            }
+        )
+    summary = summarize_influence(history)
+    assert summary["logged_steps"] == 6 and (summary["first_step"], summary["last_step"]) == (1, 6)
+    assert summary["frac_negative"] == pytest.approx(0.4)
+    assert summary["frac_negative_early"] == pytest.approx(0.6)
+    assert summary["frac_negative_late"] == pytest.approx(0.2)
+    assert summary["influence_mean_late"] == pytest.approx(-0.2)
+    assert summary["grad_norm_ratio"] == pytest.approx(0.01)
+    text = influence_paragraph(summary)
+    assert "40.0 %" in text and "60.0 %" in text and "20.0 %" in text and "steps 1–6" in text
+    assert summarize_influence([{"loss": 1.0, "step": 1}]) is None
+
+
+def test_card_metadata_and_text():
+    card = ModelCard(
+        str(build_model_card(make_run(influence_summary={"logged_steps": 1, "frac_negative": 0.5})))
+    )
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/teacher"
+    assert data["tags"][:3] == ["knowledge-distillation", "lgtm", "hf-distill"]
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-classification"
+    assert data["datasets"] == ["glue"]
+    distillation = data["distillation"]
+    assert distillation["method"] == "lgtm"
+    assert distillation["teachers"] == [{"id": "org/teacher", "revision": COMMIT, "parameters": 1000}]
+    assert distillation["student_parameters"] == 250 and distillation["compression_ratio"] == 4.0
+    assert distillation["temperature"] == 1.0 and distillation["teacher_alpha"] == 0.4
+    assert "fd_radius" not in distillation  # only the key hyperparameters go in the metadata
+    assert distillation["teacher_metrics"] == {"loss": 0.3, "accuracy": 0.9}
+    assert distillation["influence"]["frac_negative"] == 0.5
+    # The model index holds the student's metrics on the named dataset (the loss is left out).
+    results = data["model-index"][0]["results"]
+    assert [m["type"] for m in results[0]["metrics"]] == ["accuracy"]
+    text = card.text
+    assert "| accuracy | 0.8 | 0.9 |" in text
+    assert "`fd_radius`" in text
+    assert "4.0×" in text and "## Influence weights" in text
+    assert "Ren, Yuxin" in text and "AutoModelForSequenceClassification" not in text  # default AutoModel
+
+
+@pytest.mark.parametrize(
+    ("method", "author"),
+    [("kd", "Hinton"), ("online", "Shi, Wenxian"), ("meta", "Zhou, Wangchunshu"), ("lgtm", "Ren, Yuxin")],
+)
+def test_each_method_cites_its_paper(method, author):
+    text = str(build_model_card(make_run(method=method)))
+    assert METHODS[method]["title"] in text
+    assert "```bibtex" in text and author in text
+
+
+def test_custom_method_local_teacher_and_no_evaluation():
+    run = make_run(
+        method="my-method",
+        teachers=[TeacherInfo(LOCAL, None, 10), TeacherInfo(LOCAL, None, 30)],
+        student_parameters=20,
+        base_model=None,
+        base_model_note=None,
+        student_metrics={},
+        teacher_metrics={},
+        dataset_name=None,
+        dataset_tags=[],
+    )
+    card = ModelCard(str(build_model_card(run)))
+    data = card.data.to_dict()
+    assert "base_model" not in data and "model-index" not in data and "datasets" not in data
+    assert data["tags"][:3] == ["knowledge-distillation", "my-method", "hf-distill"]
+    assert data["distillation"]["compression_ratio"] == 2.0  # all teachers of an ensemble together
+    assert [t["id"] for t in data["distillation"]["teachers"]] == [LOCAL, LOCAL]
+    assert "bibtex" not in card.text
+    assert "No evaluation was run" in card.text and "random weights" in card.text
+    assert compression_ratio([TeacherInfo(LOCAL, None, None)], 10) is None
+
+
+def test_teacher_card():
+    card = build_teacher_card(
+        method="online",
+        model_name="tiny-teacher",
+        teacher=TeacherInfo("org/teacher", "v1", 1000),
+        student="user/tiny-student",
+        hyperparameters={"teacher_alpha": 0.4, "teacher_learning_rate": 3e-5},
+        teacher_metrics={"accuracy": 0.9},
+    )
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/teacher"
+    assert "distillation-teacher" in data["tags"] and "online" in data["tags"]
+    assert (
+        data["distillation"]["role"] == "teacher" and data["distillation"]["student"] == "user/tiny-student"
+    )
+    assert "user/tiny-student" in card.text and "| accuracy | 0.9 |" in card.text
+
+
+def test_describe_source(tmp_path, monkeypatch):
+    assert describe_source(str(tmp_path)) == (LOCAL, None)
+    assert describe_source("") == (LOCAL, None)
+    assert describe_source("/no/such/folder") == (LOCAL, None)
+    assert describe_source("org/teacher", "v1") == ("org/teacher", "v1")
+    assert describe_source("org/teacher", COMMIT) == ("org/teacher", COMMIT)
+    # A model in the local Hub cache: its revision resolves to the cached commit, without the network.
+    repo = tmp_path / "cache" / "models--org--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo / "snapshots" / COMMIT / "config.json").write_text("{}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert describe_source("org/cached") == ("org/cached", COMMIT)
+
+
+def test_dataset_name_and_tags():
+    plain = datasets.Dataset.from_dict({"label": [0, 1]})
+    assert dataset_name_and_tags(plain) == (None, [])
+    info = datasets.DatasetInfo(builder_name="glue", config_name="sst2", dataset_name="glue")
+    named = datasets.Dataset.from_dict({"label": [0, 1]}, info=info)
+    assert dataset_name_and_tags(named) == ("glue/sst2", ["glue"])
+    from_csv = datasets.Dataset.from_dict({"label": [0]}, info=datasets.DatasetInfo(builder_name="csv"))
+    assert dataset_name_and_tags(from_csv) == (None, [])
+    assert dataset_name_and_tags(None) == (None, [])

@@ -18,10 +18,26 @@ from .objectives import (
 )
 from .online import OnlineDistillTrainer, OnlineDistillTrainingArguments
 from .quiz import QuizDistillTrainer, QuizDistillTrainingArguments, split_quiz
+from .representation import (
+    MemoryBank,
+    RepresentationHeads,
+    attention_loss,
+    hidden_state_loss,
+    info_nce_loss,
+    layer_map,
+    pool,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MemoryBank",
+    "RepresentationHeads",
+    "attention_loss",
+    "hidden_state_loss",
+    "info_nce_loss",
+    "layer_map",
+    "pool",
     "DISTILL_LOSSES",
     "GLUE_TASKS",
     "InfluenceLoggerCallback",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
 
 from .data import (
     ROW_ID,
@@ -38,12 +40,28 @@ from .model_card import (
     summarize_influence,
 )
 from .objectives import DISTILL_LOSSES, distillation_loss, ensemble_teacher_logits, logit_mse, token_mask
+from .representation import (
+    ATTENTION_LOSSES,
+    CRD_POOLINGS,
+    HEADS_FILE,
+    HIDDEN_LOSSES,
+    POOLINGS,
+    RepresentationHeads,
+    attention_loss,
+    heads_are_empty,
+    hidden_state_loss,
+    layer_map,
+    model_dimensions,
+    parse_layer_map,
+    pool,
+)
 from .teacher import (
     CAUSAL_LM,
     MASKED_LM,
     SEQUENCE_CLASSIFICATION,
     TOKEN_CLASSIFICATION,
     TOKEN_LEVEL_TASKS,
+    average_gradients_across_processes,
     check_teacher_student_compatible,
     count_parameters,
     forward_arg_names,
@@ -120,8 +138,77 @@ class DistillationTrainingArguments(TrainingArguments):
         },
     )
 
+    hidden_distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the hidden-state (PKD) term added to the student's loss (0 turns it off); see "
+            "docs/representation.md."
+        },
+    )
+    hidden_layer_map: str = field(
+        default="uniform",
+        metadata={
+            "help": "Student layer → teacher layer for the hidden-state and attention terms: a preset (uniform, "
+            'skip, last) or a dict / JSON object such as \'{"1": 4, "2": 8}\' (0 is the embeddings).'
+        },
+    )
+    hidden_pooling: str = field(
+        default="cls",
+        metadata={
+            "help": "Representation compared by the hidden-state term: cls (position 0), mean (over the "
+            "attention mask) or tokens (every attended token).",
+            "choices": POOLINGS,
+        },
+    )
+    hidden_loss: str = field(
+        default="mse",
+        metadata={
+            "help": "Hidden-state loss: mse (‖ŝ − t̂‖² of L2-normalised vectors, PKD) or cosine (1 − cos).",
+            "choices": HIDDEN_LOSSES,
+        },
+    )
+    attention_distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the attention-map term over the mapped layers (0 turns it off); needs equal head "
+            "counts and attn_implementation='eager' for both models."
+        },
+    )
+    attention_loss: str = field(
+        default="mse",
+        metadata={
+            "help": "Attention-map loss: mse, or kl = KL(teacher ‖ student) per query row.",
+            "choices": ATTENTION_LOSSES,
+        },
+    )
+    crd_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the contrastive (CRD, InfoNCE) term (0 turns it off)."},
+    )
+    crd_temperature: float = field(
+        default=0.07, metadata={"help": "Temperature of the CRD critic exp(g_s · g_t / temperature) (> 0)."}
+    )
+    crd_dim: int = field(
+        default=128, metadata={"help": "Width of CRD's shared projection space (heads g_s, g_t)."}
+    )
+    crd_num_negatives: int = field(
+        default=0,
+        metadata={
+            "help": "Size of the memory bank of past teacher embeddings used as extra CRD negatives (0: the "
+            "other inputs of the batch only)."
+        },
+    )
+    crd_pooling: str = field(
+        default="cls",
+        metadata={
+            "help": "Embedding of the last layer that CRD contrasts: cls or mean (over the attention mask).",
+            "choices": CRD_POOLINGS,
+        },
+    )
+
     def __post_init__(self) -> None:
         # Checked before TrainingArguments' own set-up so that a typo fails fast.
+        self._check_representation_arguments()
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0, got {self.temperature}; 1.0 leaves the logits unchanged."
@@ -150,6 +237,42 @@ class DistillationTrainingArguments(TrainingArguments):
             except json.JSONDecodeError as err:
                 raise ValueError(f"teacher_model_init_kwargs is not valid JSON: {err}") from err
         super().__post_init__()
+
+    def _check_representation_arguments(self) -> None:
+        for name in ("hidden_distill_weight", "attention_distill_weight", "crd_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(
+                    f"{name} must be a finite number >= 0 (0 turns the term off), got {value!r}."
+                )
+        self.hidden_layer_map = parse_layer_map(self.hidden_layer_map)
+        for name, choices in (
+            ("hidden_pooling", POOLINGS),
+            ("hidden_loss", HIDDEN_LOSSES),
+            ("attention_loss", ATTENTION_LOSSES),
+            ("crd_pooling", CRD_POOLINGS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {choices}.")
+        if not self.crd_temperature > 0:
+            raise ValueError(f"crd_temperature must be > 0, got {self.crd_temperature} (CRD uses 0.07).")
+        if isinstance(self.crd_dim, bool) or int(self.crd_dim) != self.crd_dim or self.crd_dim < 1:
+            raise ValueError(f"crd_dim must be an integer >= 1 (e.g. 128), got {self.crd_dim!r}.")
+        if (
+            isinstance(self.crd_num_negatives, bool)
+            or int(self.crd_num_negatives) != self.crd_num_negatives
+            or self.crd_num_negatives < 0
+        ):
+            raise ValueError(
+                f"crd_num_negatives must be an integer >= 0 (0: in-batch negatives only), got "
+                f"{self.crd_num_negatives!r}."
+            )
+        self.crd_dim, self.crd_num_negatives = int(self.crd_dim), int(self.crd_num_negatives)
+
+    @property
+    def uses_representations(self) -> bool:
+        """Whether any representation term (hidden states, attention, CRD) has a weight."""
+        return self.hidden_distill_weight > 0 or self.attention_distill_weight > 0 or self.crd_weight > 0
 
 
 class DistillationTrainer(Trainer):
@@ -227,6 +350,10 @@ class DistillationTrainer(Trainer):
         self._logged_components: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._check_teacher_inputs(self.train_dataset)
         self._check_labels(self.train_dataset)
+        self.representation_heads: RepresentationHeads | None = None
+        self._layer_map: dict[int, int] = {}
+        self._teacher_features: dict[str, Any] | None = None
+        self._setup_representations()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names + [self.method_name])
 
@@ -304,6 +431,206 @@ class DistillationTrainer(Trainer):
                 "from the teacher alone."
             )
 
+    # ----- representation distillation (hidden states, attention maps, CRD) -----------------------------------
+
+    def _setup_representations(self) -> None:
+        """Check the models against the representation arguments and build the heads, before any training."""
+        args = self.args
+        if not args.uses_representations:
+            return
+        if len(self.teacher_models) != 1:
+            raise ValueError(
+                f"Representation distillation (hidden_distill_weight, attention_distill_weight, crd_weight) reads "
+                f"one teacher's hidden states; got an ensemble of {len(self.teacher_models)} teachers. Use one "
+                "teacher, or set those weights to 0 for an ensemble."
+            )
+        if TEACHER_LOGITS in dataset_columns(self.train_dataset):
+            raise ValueError(
+                f"The training data has a cached '{TEACHER_LOGITS}' column, which holds no hidden states, and "
+                "representation distillation needs the teacher's forward. Remove the column, or set "
+                "hidden_distill_weight, attention_distill_weight and crd_weight to 0."
+            )
+        columns = dataset_columns(self.train_dataset)
+        own_inputs = any(c.startswith(TEACHER_PREFIX) for c in columns) or bool(
+            self._teachers_need_own_inputs()
+        )
+        token_aligned = args.attention_distill_weight > 0 or (
+            args.hidden_distill_weight > 0 and args.hidden_pooling == "tokens"
+        )
+        if own_inputs and token_aligned:
+            raise ValueError(
+                "Attention maps and hidden_pooling='tokens' compare the models position by position, but the "
+                "teacher reads its own tokenisation (teacher_ input columns); use hidden_pooling='cls' or 'mean' "
+                "and attention_distill_weight=0, or a teacher that shares the student's tokenizer."
+            )
+        student, teacher = unwrap_model(self.model), unwrap_model(self.teacher_models[0])
+        s_width, s_layers, s_heads = model_dimensions(_base_with_config(student))
+        t_width, t_layers, t_heads = model_dimensions(_base_with_config(teacher))
+        hidden_layers: list[int] = []
+        if args.hidden_distill_weight > 0 or args.attention_distill_weight > 0:
+            self._layer_map = layer_map(args.hidden_layer_map, s_layers, t_layers)
+            hidden_layers = list(self._layer_map) if args.hidden_distill_weight > 0 else []
+        if args.attention_distill_weight > 0:
+            if s_heads != t_heads:
+                raise ValueError(
+                    f"attention_distill_weight > 0 compares attention maps head by head, but the student has "
+                    f"{s_heads} attention heads and the teacher {t_heads}. Use models with the same head count, "
+                    "or set attention_distill_weight=0 (hidden states and CRD work across head counts)."
+                )
+            if 0 in self._layer_map or 0 in self._layer_map.values():
+                raise ValueError(
+                    f"hidden_layer_map {self._layer_map} maps layer 0 (the embeddings), which has no attention "
+                    "map; map layers >= 1 or set attention_distill_weight=0."
+                )
+            for role, model in (("student", student), ("teacher", teacher)):
+                attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+                if attention not in (None, "eager"):
+                    raise ValueError(
+                        f"attention_distill_weight > 0 needs the {role}'s attention weights, which "
+                        f"attn_implementation={attention!r} does not return. Load the {role} with "
+                        f"attn_implementation='eager' (or call {role}.set_attn_implementation('eager'))."
+                    )
+        heads = RepresentationHeads(
+            s_width,
+            t_width,
+            hidden_layers,
+            crd_dim=args.crd_dim if args.crd_weight > 0 else None,
+            crd_num_negatives=args.crd_num_negatives,
+        )
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        self.representation_heads = heads.to(device)
+
+    def _wants_attentions(self) -> bool:
+        return self.args.attention_distill_weight > 0
+
+    def _student_feed(self, student_inputs: dict[str, Any]) -> dict[str, Any]:
+        """The student's training inputs, asking for hidden states / attention maps when they are used."""
+        if not self.args.uses_representations:
+            return student_inputs
+        feed = {**student_inputs, "output_hidden_states": True}
+        if self._wants_attentions():
+            feed["output_attentions"] = True
+        return feed
+
+    def _keep_teacher_features(self, outputs: Any, attention_mask: torch.Tensor | None) -> None:
+        """Keep the mapped layers' (pooled) hidden states and attention maps of a teacher forward, drop the rest."""
+        args = self.args
+        hidden = outputs.hidden_states
+        features: dict[str, Any] = {}
+        if args.hidden_distill_weight > 0:
+            features["hidden"] = {
+                t: pool(hidden[t], attention_mask, args.hidden_pooling) for t in set(self._layer_map.values())
+            }
+        if args.crd_weight > 0:
+            features["crd"] = pool(hidden[-1], attention_mask, args.crd_pooling)
+        if self._wants_attentions():
+            features["attention"] = {t: outputs.attentions[t - 1] for t in set(self._layer_map.values())}
+        self._teacher_features = features
+
+    def representation_term(
+        self, student_outputs: Any, student_inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The weighted sum of the representation terms, and each unweighted term for the logs."""
+        args = self.args
+        teacher, self._teacher_features = self._teacher_features, None
+        if not args.uses_representations:
+            return None, {}
+        if teacher is None:
+            raise RuntimeError(
+                "Representation distillation found no teacher hidden states for this batch (cached teacher "
+                "logits, or a teacher forward that was skipped); they cannot be combined."
+            )
+        heads = self.representation_heads
+        mask = student_inputs.get("attention_mask")
+        hidden = student_outputs.hidden_states
+        if hidden is None:
+            raise ValueError(
+                "The student returned no hidden_states for output_hidden_states=True; representation "
+                "distillation needs a model that returns them."
+            )
+        total, parts = None, {}
+        if args.hidden_distill_weight > 0:
+            losses = []
+            for s_layer, t_layer in self._layer_map.items():
+                s_vec = heads.project_hidden(s_layer, pool(hidden[s_layer], mask, args.hidden_pooling))
+                t_vec = teacher["hidden"][t_layer].to(s_vec.device)
+                token_mask_ = mask if args.hidden_pooling == "tokens" else None
+                if token_mask_ is not None and t_vec.shape[1] != s_vec.shape[1]:
+                    raise ValueError(
+                        f"hidden_pooling='tokens' needs the same sequence length for both models, got student "
+                        f"{s_vec.shape[1]} and teacher {t_vec.shape[1]}."
+                    )
+                losses.append(hidden_state_loss(s_vec, t_vec, args.hidden_loss, token_mask_))
+            parts["hidden_loss"] = torch.stack(losses).mean()
+            total = args.hidden_distill_weight * parts["hidden_loss"]
+        if self._wants_attentions():
+            attentions = student_outputs.attentions
+            if not attentions:
+                raise ValueError(
+                    "The student returned no attentions for output_attentions=True; load it with "
+                    "attn_implementation='eager'."
+                )
+            losses = [
+                attention_loss(
+                    attentions[s_layer - 1],
+                    teacher["attention"][t_layer].to(attentions[s_layer - 1].device),
+                    args.attention_loss,
+                    mask,
+                )
+                for s_layer, t_layer in self._layer_map.items()
+            ]
+            parts["attention_loss"] = torch.stack(losses).mean()
+            term = args.attention_distill_weight * parts["attention_loss"]
+            total = term if total is None else total + term
+        if args.crd_weight > 0:
+            s_emb = pool(hidden[-1], mask, args.crd_pooling)
+            parts["crd_loss"] = heads.crd_loss(s_emb, teacher["crd"].to(s_emb.device), args.crd_temperature)
+            term = args.crd_weight * parts["crd_loss"]
+            total = term if total is None else total + term
+        return total, parts
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """`Trainer.create_optimizer`, plus a parameter group for the representation heads (trained with the
+        student, at its learning rate, without weight decay); their gradients are clipped on their own (to
+        ``max_grad_norm``) and averaged over processes before each step."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        heads = self.representation_heads
+        params = [] if heads is None else [p for p in heads.parameters() if p.requires_grad]
+        inner = getattr(optimizer, "optimizer", optimizer)
+        known = {id(p) for g in inner.param_groups for p in g["params"]}
+        if params and not any(id(p) in known for p in params):
+            inner.add_param_group({"params": params, "weight_decay": 0.0, "lr": self.args.learning_rate})
+            inner.register_step_pre_hook(lambda *_: self._prepare_head_gradients(params))
+            inner.register_step_post_hook(lambda *_: heads.zero_grad(set_to_none=True))
+        return optimizer
+
+    def _prepare_head_gradients(self, params: list[nn.Parameter]) -> None:
+        # The heads are not in the student's DDP wrapper nor in Trainer's gradient clipping.
+        average_gradients_across_processes(params)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Written before Trainer rotates old checkpoints away (as the learning teacher's state in online.py).
+        if self.args.should_save and not heads_are_empty(self.representation_heads):
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            save_heads(folder, self.representation_heads)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, also restoring the representation heads (``distill_heads.safetensors``) on resume."""
+        if not heads_are_empty(self.representation_heads) and resume_from_checkpoint not in (None, False, ""):
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(
+                        f"No checkpoint found in output_dir {self.args.output_dir} to resume from."
+                    )
+            load_heads(resume_from_checkpoint, self.representation_heads)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # ----- the loss -----------------------------------------------------------------------------------------
 
     def compute_loss(
@@ -323,6 +650,11 @@ class DistillationTrainer(Trainer):
         task_loss, outputs = self._student_forward(model, student_inputs, task_items)
         self.before_teacher_targets(model, inputs, outputs)
         if cached_logits is not None:
+            if self.args.uses_representations:
+                raise ValueError(
+                    f"The batch carries cached '{TEACHER_LOGITS}', which hold no hidden states; representation "
+                    "distillation needs the teacher's forward. Remove the column or the representation weights."
+                )
             teacher_logits = self._combine_teachers(self._split_cached(cached_logits))
         else:
             teacher_logits = self.teacher_logits(student_inputs, teacher_inputs)
@@ -334,6 +666,15 @@ class DistillationTrainer(Trainer):
         self._record("distill_loss", distill_for_log)
         if task_loss is not None:
             self._record("task_loss", self._task_loss_for_log(task_loss, student_inputs, task_items))
+        representation, parts = self.representation_term(outputs, student_inputs)
+        if representation is not None:
+            if task_items is not None and self.model_accepts_loss_kwargs:
+                # Trainer does not divide a num_items-normalised loss by the accumulation steps: a
+                # per-micro-batch mean must be divided here.
+                representation = representation / self.current_gradient_accumulation_steps
+            loss = loss + representation
+            for name, value in parts.items():
+                self._record(name, value)
         return (loss, outputs) if return_outputs else loss
 
     def before_teacher_targets(self, model: nn.Module, inputs: dict[str, Any], student_outputs: Any) -> None:
@@ -345,16 +686,15 @@ class DistillationTrainer(Trainer):
     ) -> tuple[torch.Tensor | None, Any]:
         """The student's outputs and task loss (``None`` when the batch has no labels and alpha is 1)."""
         has_labels = any(student_inputs.get(n) is not None for n in self.label_names)
+        feed = self._student_feed(student_inputs)
         if has_labels:
-            return super().compute_loss(
-                model, student_inputs, return_outputs=True, num_items_in_batch=task_items
-            )
+            return super().compute_loss(model, feed, return_outputs=True, num_items_in_batch=task_items)
         if self.args.alpha < 1.0:
             raise ValueError(
                 f"The training batch has no labels (expected {self.label_names}) but alpha={self.args.alpha} needs "
                 "the task loss. Add labels to the data (or a collator that makes them), or set alpha=1.0."
             )
-        return None, model(**student_inputs)
+        return None, model(**feed)
 
     @torch.no_grad()
     def teacher_logits(self, student_inputs: dict[str, Any], teacher_inputs: dict[str, Any]) -> torch.Tensor:
@@ -374,7 +714,17 @@ class DistillationTrainer(Trainer):
             teacher.eval()
         source = teacher_inputs or student_inputs
         accepted = self._teacher_arg_names[position]
-        return teacher(**{k: v for k, v in source.items() if k in accepted}).logits
+        feed = {k: v for k, v in source.items() if k in accepted}
+        if position != 0 or not self.args.uses_representations:
+            return teacher(**feed).logits
+        feed["output_hidden_states"] = True
+        if self._wants_attentions():
+            feed["output_attentions"] = True
+        outputs = teacher(**feed)
+        self._keep_teacher_features(outputs, source.get("attention_mask"))
+        logits = outputs.logits
+        del outputs  # the unmapped layers' hidden states go with it
+        return logits
 
     def _split_cached(self, cached: torch.Tensor) -> list[torch.Tensor]:
         if len(self.teacher_models) == 1:
@@ -696,6 +1046,21 @@ class DistillationTrainer(Trainer):
             values.pop("jsd_beta", None)
         if args.distill_loss != "dist":
             values.pop("dist_intra_weight", None)
+        for names, on in (
+            (("hidden_distill_weight", "hidden_pooling", "hidden_loss"), args.hidden_distill_weight > 0),
+            (("attention_distill_weight", "attention_loss"), args.attention_distill_weight > 0),
+            (("hidden_layer_map",), args.hidden_distill_weight > 0 or args.attention_distill_weight > 0),
+            (
+                ("crd_weight", "crd_temperature", "crd_dim", "crd_num_negatives", "crd_pooling"),
+                args.crd_weight > 0,
+            ),
+        ):
+            for name in names if not on else ():
+                values.pop(name, None)
+        if isinstance(values.get("hidden_layer_map"), dict):
+            values["hidden_layer_map"] = json.dumps(
+                {str(k): v for k, v in values["hidden_layer_map"].items()}
+            )
         if "quiz_split" in values and getattr(self, "quiz_from_train", True) is False:
             values["quiz_split"] = "quiz_dataset"  # given explicitly: no split of the training set
         return {k: v for k, v in values.items() if v is not None}
@@ -713,6 +1078,43 @@ def upload_staged_folder(staging: str, blocking: bool, **upload_kwargs: Any) -> 
     else:
         result.add_done_callback(lambda _: shutil.rmtree(staging, ignore_errors=True))
     return result
+
+
+def save_heads(checkpoint_dir: str | os.PathLike, heads: nn.Module) -> Path:
+    """Write the representation heads' state to ``checkpoint_dir/distill_heads.safetensors`` (via a temporary
+    file renamed at the end, so a crash never leaves a half-written file that a resume would trust)."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    target = Path(checkpoint_dir) / HEADS_FILE
+    staging = Path(checkpoint_dir) / f".{HEADS_FILE}.tmp"
+    state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    save_file(state, str(staging), metadata={"format": "pt"})
+    os.replace(staging, target)
+    return target
+
+
+def load_heads(checkpoint_dir: str | os.PathLike, heads: nn.Module) -> None:
+    """Restore the representation heads written by `save_heads`, or a clear error."""
+    path = Path(checkpoint_dir) / HEADS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint {checkpoint_dir} holds no representation heads ({path} is missing): it was written by a run "
+            "without hidden_distill_weight / attention_distill_weight / crd_weight, or with other settings. Resume "
+            "with the settings of that run, or start a new run."
+        )
+    saved = load_file(str(path))
+    expected = heads.state_dict()
+    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in expected):
+        raise ValueError(
+            f"The representation heads in {path} do not match this run's (saved {sorted(saved)[:6]}, expected "
+            f"{sorted(expected)[:6]}); resume with the same models and representation arguments."
+        )
+    heads.load_state_dict({k: v.to(expected[k].device) for k, v in saved.items()})
+
+
+def _base_with_config(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (whose config is the base model's anyway)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def _teacher_source(teacher: Any, init_kwargs: dict[str, Any] | None) -> tuple[str, str | None]:

@@ -211,9 +211,13 @@ def main() -> None:
             del timer.times[before : before + args.warmup], timer.peaks[before : before + args.warmup]
             del trainer
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
     print(
-        f"# step_cost: {Path(args.model_path).name} → first {args.student_layers} layers, batch "
+        f"# step_cost: {args.model_name} → first {args.student_layers} layers, batch "
         f"{args.batch_size} × {args.seq_len} tokens, {'bf16' if args.bf16 else 'fp32'}, {device}, "
         f"torch {torch.__version__}, {platform.python_version()}"
     )

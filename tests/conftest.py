@@ -59,6 +59,24 @@ def keyword_dataset(
     return datasets.Dataset.from_dict(rows)
 
 
+# Arguments every tiny trainer test shares: CPU, one epoch, a log line per step, nothing saved or reported.
+TINY_RUN = dict(
+    per_device_train_batch_size=8,
+    num_train_epochs=1,
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+)
+
+
+def tiny_run_args(args_class, tmp_path: Path, **overrides):
+    """``args_class`` with `TINY_RUN` defaults and ``output_dir`` under ``tmp_path``; ``overrides`` win."""
+    return args_class(**{"output_dir": str(tmp_path / "out"), **TINY_RUN, **overrides})
+
+
 def write_vocab(folder: Path, vocab_size: int = VOCAB, prefix: str = "w") -> Path:
     """A WordPiece vocabulary: the five BERT specials, then words ``<prefix>5`` … ``<prefix>{vocab_size-1}``."""
     folder.mkdir(parents=True, exist_ok=True)

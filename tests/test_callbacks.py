@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import keyword_dataset, tiny_classifier
+from conftest import keyword_dataset, tiny_classifier, tiny_run_args
 from tensorboard.backend.event_processing import event_accumulator
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -28,22 +28,13 @@ LOGGER = "hf_distill.callbacks"
 
 def make_args(tmp_path, **overrides) -> LGTMTrainingArguments:
     defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
         learning_rate=1e-3,
         teacher_learning_rate=1e-3,
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
         quiz_split=0.25,
         temperature=1.0,
         max_grad_norm=0,
     )
-    return LGTMTrainingArguments(**{**defaults, **overrides})
+    return tiny_run_args(LGTMTrainingArguments, tmp_path, **{**defaults, **overrides})
 
 
 def make_trainer(tmp_path, tokenizer, callbacks, n=48, **overrides) -> LGTMTrainer:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, keyword_dataset, tiny_bert_config, tiny_classifier, tiny_tokenizer
+from conftest import VOCAB, keyword_dataset, tiny_bert_config, tiny_classifier, tiny_run_args, tiny_tokenizer
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
@@ -28,19 +28,10 @@ from hf_distill import (
 
 def make_args(tmp_path, **overrides) -> DistillationTrainingArguments:
     defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
         learning_rate=5e-3,
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
     )
-    return DistillationTrainingArguments(**{**defaults, **overrides})
+    return tiny_run_args(DistillationTrainingArguments, tmp_path, **{**defaults, **overrides})
 
 
 def one_batch(trainer: DistillationTrainer) -> dict:

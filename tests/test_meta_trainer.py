@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import keyword_dataset, tiny_classifier
+from conftest import keyword_dataset, tiny_classifier, tiny_run_args
 from transformers import TrainerCallback
 
 import hf_distill.meta
@@ -19,25 +19,16 @@ from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments
 
 def make_args(tmp_path, **overrides) -> MetaDistillTrainingArguments:
     defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
         learning_rate=1e-3,
         teacher_learning_rate=1e-3,
         pilot_learning_rate=0.5,  # large, so that the meta-gradient is far from rounding noise
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
         quiz_split=0.25,
         alpha=0.7,
         temperature=2.0,
         max_grad_norm=0,
         teacher_max_grad_norm=0,
     )
-    return MetaDistillTrainingArguments(**{**defaults, **overrides})
+    return tiny_run_args(MetaDistillTrainingArguments, tmp_path, **{**defaults, **overrides})
 
 
 def make_trainer(tmp_path, tokenizer, teacher=None, student=None, n=32, callbacks=None, **overrides):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import keyword_dataset, tiny_classifier
+from conftest import keyword_dataset, tiny_classifier, tiny_run_args
 
 from hf_distill import (
     OnlineDistillTrainer,
@@ -20,20 +20,11 @@ from hf_distill import (
 
 def make_args(tmp_path, **overrides) -> OnlineDistillTrainingArguments:
     defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
         learning_rate=1e-3,
         teacher_learning_rate=1e-3,
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
     )
-    return OnlineDistillTrainingArguments(**{**defaults, **overrides})
+    return tiny_run_args(OnlineDistillTrainingArguments, tmp_path, **{**defaults, **overrides})
 
 
 def params(model) -> dict[str, torch.Tensor]:

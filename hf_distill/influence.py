@@ -65,12 +65,6 @@ def clip_coefficient(grads: Sequence[torch.Tensor], max_norm: float) -> torch.Te
     return (max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
 
 
-def clip_by_global_norm(grads: Sequence[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
-    """Scale gradients as `torch.nn.utils.clip_grad_norm_` would (``max_norm <= 0``: unchanged)."""
-    coefficient = clip_coefficient(grads, max_norm)
-    return list(grads) if coefficient is None else [g * coefficient for g in grads]
-
-
 def fd_epsilon(direction: Sequence[torch.Tensor], radius: float) -> float:
     """The finite-difference step ``ε = r / ‖v‖`` (the LGTM reference's choice, r = 0.01)."""
     norm = float(global_norm(direction))

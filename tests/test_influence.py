@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hf_distill.influence import (
     adamw_lookahead,
-    clip_by_global_norm,
+    clip_coefficient,
     exact_logit_influence,
     fd_epsilon,
     finite_difference_influence,
@@ -173,7 +173,8 @@ def test_sgd_lookahead_and_clipping():
     grads = [torch.full((3,), 3.0), torch.full((2,), 4.0)]
     stepped = sgd_lookahead(params, grads, lr=0.5)
     torch.testing.assert_close(stepped[0], torch.full((3,), -0.5))
-    clipped = clip_by_global_norm(grads, max_norm=1.0)
+    coefficient = clip_coefficient(grads, max_norm=1.0)
+    clipped = [g * coefficient for g in grads]
     norm = torch.sqrt(sum((g**2).sum() for g in clipped))
     assert norm == pytest.approx(1.0, rel=1e-5)
     parameters = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
@@ -182,7 +183,8 @@ def test_sgd_lookahead_and_clipping():
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
     for p, g in zip(parameters, clipped, strict=True):
         torch.testing.assert_close(p.grad, g)
-    assert clip_by_global_norm(grads, 0.0) == grads
+    assert clip_coefficient(grads, 0.0) is None  # no clipping
+    assert clip_coefficient([torch.tensor([0.1])], 1.0) == 1.0  # below the bound: unchanged
 
 
 def test_fd_epsilon_is_radius_over_norm():

@@ -39,8 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_DISTILL_SHARED", REPO.parent / "shared"))
-METHODS = ("finetune", "kd", "online", "meta", "lgtm", "lgtm_pre")
-# lgtm_pre: LGTM with lgtm_student_targets="pre_update" (the student's real step reuses the lookahead's gradient)
+METHODS = ("finetune", "kd", "online", "meta", "lgtm", "lgtm_pre", "lgtm_scaled")
+# lgtm_pre: LGTM with lgtm_student_targets="pre_update" (the student's real step reuses the lookahead's gradient);
+# lgtm_scaled: LGTM with influence_scale (λ) = --lgtm_influence_scale instead of the teacher's learning rate.
 CLAIM = ("lgtm", "online", "kd", "finetune")  # the paper's ordering, best first
 
 
@@ -66,7 +67,7 @@ def run_name(method: str, lr: float, seed: int) -> str:
 
 def run_argv(args: argparse.Namespace, method: str, lr: float, seed: int, output_dir: Path) -> list[str]:
     """The example's command line for one run: everything but method, learning rate and seed is shared."""
-    lgtm = method in ("lgtm", "lgtm_pre")
+    lgtm = method.startswith("lgtm")
     argv = [
         "--method", "lgtm" if lgtm else method,
         "--task_name", "mrpc",
@@ -110,6 +111,8 @@ def run_argv(args: argparse.Namespace, method: str, lr: float, seed: int, output
         argv += ["--teacher_alpha", str(args.teacher_alpha)]
     if method == "lgtm_pre":
         argv += ["--lgtm_student_targets", "pre_update"]
+    if method == "lgtm_scaled":
+        argv += ["--influence_scale", str(args.lgtm_influence_scale)]
     if method == "meta":
         argv += ["--pilot_learning_rate", str(lr)]
     return argv
@@ -434,6 +437,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the distillation term (paper: 1.0)")
     p.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
     p.add_argument("--teacher_alpha", type=float, default=0.4, help="α_t of online and lgtm (paper: 0.4)")
+    p.add_argument(
+        "--lgtm_influence_scale",
+        type=float,
+        default=1.0,
+        help="λ of the lgtm_scaled method (lgtm: teacher lr)",
+    )
     p.add_argument("--quiz_holdout", type=float, default=0.1)
     p.add_argument("--max_train_samples", type=int, default=None, help="smoke tests only")
     p.add_argument("--max_eval_samples", type=int, default=None, help="smoke tests only")

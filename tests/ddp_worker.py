@@ -27,7 +27,12 @@ import torch  # noqa: E402
 from conftest import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
 
 import hf_distill.online  # noqa: E402
-from hf_distill import OnlineDistillTrainer, OnlineDistillTrainingArguments  # noqa: E402
+from hf_distill import (  # noqa: E402
+    LGTMTrainer,
+    LGTMTrainingArguments,
+    OnlineDistillTrainer,
+    OnlineDistillTrainingArguments,
+)
 
 GLOBAL_BATCH = 8
 STEPS = 4
@@ -38,14 +43,25 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def train_once(outdir: Path, tag: str, per_device_batch: int, sync_teacher: bool = True) -> Path:
-    """Train one OnlineDistillTrainer and save its weights before/after to ``outdir/<tag>_rank<r>.pt``."""
+def train_once(
+    outdir: Path, tag: str, per_device_batch: int, sync_teacher: bool = True, method: str = "online"
+) -> Path:
+    """Train one trainer and save its weights before/after to ``outdir/<tag>_rank<r>.pt``.
+
+    ``method``: ``online`` (OnlineDistillTrainer), ``lgtm`` or ``lgtm_pre`` (LGTMTrainer with
+    ``lgtm_student_targets`` updated / pre_update, and a fixed quiz set whose global batch the ranks share).
+    """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     teacher = tiny_classifier(layers=2, seed=1)
     student = tiny_classifier(layers=1, seed=2)
     teacher_init, student_init = _snapshot(teacher), _snapshot(student)
-    args = OnlineDistillTrainingArguments(
+    args_class, extra = OnlineDistillTrainingArguments, {}
+    if method != "online":
+        args_class = LGTMTrainingArguments
+        extra = {"lgtm_student_targets": "pre_update" if method == "lgtm_pre" else "updated"}
+    args = args_class(
+        **extra,
         output_dir=str(outdir / f"{tag}_trainer"),
         per_device_train_batch_size=per_device_batch,
         max_steps=STEPS,
@@ -76,12 +92,16 @@ def train_once(outdir: Path, tag: str, per_device_batch: int, sync_teacher: bool
         counted_average if sync_teacher else skipped_average
     )
     try:
-        trainer = OnlineDistillTrainer(
+        trainer_class, quiz = OnlineDistillTrainer, {}
+        if method != "online":
+            trainer_class, quiz = LGTMTrainer, {"quiz_dataset": keyword_dataset(2 * GLOBAL_BATCH, seed=5)}
+        trainer = trainer_class(
             model=student,
             teacher_model=teacher,
             args=args,
             train_dataset=keyword_dataset(ROWS),
             processing_class=tiny_tokenizer(outdir / f"tok_{tag}_rank{rank}"),
+            **quiz,
         )
         trainer.train()
     finally:
@@ -105,12 +125,17 @@ def train_once(outdir: Path, tag: str, per_device_batch: int, sync_teacher: bool
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--variants", nargs="+", choices=["sync", "nosync"], default=["sync"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=["sync", "nosync", "lgtm", "lgtm_pre"], default=["sync"]
+    )
     cli = parser.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for variant in cli.variants:
-        train_once(cli.outdir, variant, GLOBAL_BATCH // world, sync_teacher=variant == "sync")
+        method = variant if variant.startswith("lgtm") else "online"
+        train_once(
+            cli.outdir, variant, GLOBAL_BATCH // world, sync_teacher=variant != "nosync", method=method
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

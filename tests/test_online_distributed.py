@@ -3,6 +3,8 @@
 The teacher is not wrapped in DDP; its gradients are averaged by `average_gradients_across_processes`. The
 ranks see different rows, so without that averaging their teachers drift apart; with it, both ranks hold the
 teacher (and student) of a single-process run with twice the per-device batch.
+LGTMTrainer (faithful and pre_update) is checked the same way: its quiz gradient and lookahead gradient
+are averaged across ranks too.
 """
 
 from __future__ import annotations
@@ -164,3 +166,40 @@ def test_without_teacher_gradient_averaging_the_ranks_drift_apart(runs):
     # The student stays in sync through DDP's own gradient averaging.
     student_diff, name = _max_diff(runs["nosync0"]["student"], runs["nosync1"]["student"])
     assert student_diff <= 1e-7, f"the student differs between ranks at {name} by {student_diff}"
+
+
+@pytest.fixture(scope="module")
+def lgtm_runs(tmp_path_factory) -> dict[str, dict]:
+    """LGTMTrainer, faithful and pre_update, on 2 ranks (one launch) and in one process on the combined batch."""
+    import ddp_worker
+
+    outdir = tmp_path_factory.mktemp("lgtm_ddp")
+    _launch_two_ranks(outdir, ["lgtm", "lgtm_pre"])
+    results = {}
+    for variant in ("lgtm", "lgtm_pre"):
+        for rank in (0, 1):
+            results[f"{variant}{rank}"] = _load(outdir / f"{variant}_rank{rank}.pt")
+        single_dir = outdir / f"single_{variant}"
+        single_dir.mkdir()
+        results[f"{variant}_single"] = _load(
+            ddp_worker.train_once(single_dir, "single", ddp_worker.GLOBAL_BATCH, method=variant)
+        )
+    return results
+
+
+@pytest.mark.parametrize("variant", ["lgtm", "lgtm_pre"])
+def test_lgtm_under_ddp_matches_single_process_on_the_combined_batch(lgtm_runs, variant):
+    """The quiz gradient v (all-reduced), the lookahead gradient (all-reduced, or DDP's own in pre_update)
+    and the teacher's gradient are those of one process on both ranks' rows."""
+    from ddp_worker import STEPS
+
+    assert lgtm_runs[f"{variant}0"]["world_size"] == 2 and lgtm_runs[f"{variant}0"]["global_step"] == STEPS
+    for role in ("teacher", "student"):
+        diff, name = _max_diff(lgtm_runs[f"{variant}0"][role], lgtm_runs[f"{variant}1"][role])
+        assert diff <= 1e-7, f"{variant}: the {role} differs between ranks at {name} by {diff}"
+        diff, name = _max_diff(lgtm_runs[f"{variant}0"][role], lgtm_runs[f"{variant}_single"][role])
+        assert diff <= 1e-5, f"{variant}: DDP {role} differs from the single-process run at {name} by {diff}"
+        moved, _ = _max_diff(
+            lgtm_runs[f"{variant}_single"][role], lgtm_runs[f"{variant}_single"][f"{role}_init"]
+        )
+        assert moved > 1e-3, f"{variant}: the {role} did not change"

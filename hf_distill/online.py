@@ -36,6 +36,7 @@ from .teacher import (
     check_teacher_can_learn,
     count_parameters,
     create_teacher_optimizer,
+    enable_activation_checkpointing,
     load_teacher_optimizer_state,
     load_teacher_weights,
     save_teacher_state,
@@ -77,6 +78,14 @@ class OnlineDistillTrainingArguments(DistillationTrainingArguments):
     evaluate_teacher: bool = field(
         default=True,
         metadata={"help": "Also report the teacher's metrics (eval_teacher_*) at every evaluate()."},
+    )
+    teacher_activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the teacher's activations in its backward instead of keeping them (non-reentrant, "
+            "dropout replayed, same gradients): less memory for one more teacher forward per update. Saves most "
+            "in LGTMTrainer, whose teacher graph lives across the student's lookahead and influence passes."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -147,6 +156,8 @@ class OnlineDistillTrainer(DistillationTrainer):
         check_learning_teacher_supported(self.accelerator)
         teacher = teachers[0]
         check_teacher_can_learn(teacher)
+        if self.args.teacher_activation_checkpointing:
+            enable_activation_checkpointing(teacher, "teacher")
         # Placed on the device without a DDP wrapper: its gradients are averaged explicitly.
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         broadcast_parameters(teacher)

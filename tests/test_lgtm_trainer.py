@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import keyword_dataset, tiny_classifier, tiny_run_args
+from transformers import TrainerCallback
 
 from hf_distill import LGTMTrainer, LGTMTrainingArguments, kl_divergence
 
@@ -139,7 +141,7 @@ class PassCounter:
             logits.register_hook(count)
 
 
-@pytest.mark.parametrize(("mode", "student_forwards"), [("finite_difference", 4), ("exact", 3)])
+@pytest.mark.parametrize(("mode", "student_forwards"), [("finite_difference", 5), ("exact", 4)])
 def test_passes_per_step(tmp_path, tokenizer, mode, student_forwards):
     # logging_steps large: the separate-norm backward of logging steps is not in the count.
     trainer = make_trainer(tmp_path, tokenizer, max_steps=2, influence_mode=mode, logging_steps=1000)
@@ -151,7 +153,8 @@ def test_passes_per_step(tmp_path, tokenizer, mode, student_forwards):
     # labels of the updated teacher; one backward.
     assert teacher_counter.forwards == 2 * steps
     assert teacher_counter.backwards == 1 * steps
-    # Student: its training forward, the quiz forward at θs', then θs+ and θs− (FD) or one jvp (exact).
+    # Student: the lookahead's forward, the quiz forward at θs', θs+ and θs− (FD) or one jvp (exact), and
+    # the real step's forward (the lookahead's graph is not kept for it).
     assert student_counter.forwards == student_forwards * steps
     # Backwards through the student: the lookahead gradient, the quiz gradient, the real step.
     assert student_counter.backwards == 3 * steps
@@ -188,7 +191,7 @@ def test_pre_update_student_learns_from_the_teacher_before_its_update(tmp_path, 
     torch.testing.assert_close(trainer.latest_influence["teacher_gold_prob"], teacher_probs)
 
 
-def test_pre_update_saves_a_teacher_forward_and_a_student_backward(tmp_path, tokenizer):
+def test_pre_update_saves_a_teacher_forward_and_a_student_forward_and_backward(tmp_path, tokenizer):
     trainer = make_trainer(
         tmp_path, tokenizer, max_steps=2, logging_steps=1000, lgtm_student_targets="pre_update"
     )
@@ -199,6 +202,63 @@ def test_pre_update_saves_a_teacher_forward_and_a_student_backward(tmp_path, tok
     assert teacher_counter.forwards == 1 * steps and teacher_counter.backwards == 1 * steps
     assert student_counter.forwards == 4 * steps  # training forward, quiz at θs', θs+ and θs−
     assert student_counter.backwards == 2 * steps  # the real step (also the lookahead's) and the quiz
+
+
+class SavedActivations:
+    """Weak references to what autograd saves during a module's forwards (its parameters left out), so a
+    test can ask which of those graphs are still alive."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.refs: list[weakref.ref] = []
+        self._parameters = {p.data_ptr() for p in module.parameters()}
+        self._hooks = None
+        module.register_forward_pre_hook(self._enter)
+        module.register_forward_hook(self._exit)
+
+    def _enter(self, module, args):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+
+    def _exit(self, module, args, output):
+        self._hooks.__exit__(None, None, None)
+
+    def _pack(self, tensor):
+        if tensor.is_floating_point() and tensor.data_ptr() not in self._parameters:
+            self.refs.append(weakref.ref(tensor))
+        return tensor
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.refs)
+
+
+@pytest.mark.parametrize("targets", ["updated", "pre_update"])
+def test_no_student_graph_outlives_its_backward_and_the_teacher_graph_ends_with_the_step(
+    tmp_path, tokenizer, targets
+):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=2, logging_steps=1, lgtm_student_targets=targets)
+    student = SavedActivations(trainer.model)
+    teacher = SavedActivations(trainer.teacher_model)
+    at_quiz, at_step_end = [], []
+    quiz_batch = trainer.quiz_batch
+
+    def checked_quiz_batch():
+        at_quiz.append((student.alive(), teacher.alive(), len(student.refs)))
+        return quiz_batch()
+
+    class AtStepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            at_step_end.append((student.alive(), teacher.alive()))
+
+    trainer.quiz_batch = checked_quiz_batch
+    trainer.add_callback(AtStepEnd())
+    trainer.train()
+    assert len(at_quiz) == 2
+    for student_alive, teacher_alive, student_saved in at_quiz:
+        # The student's training forward saved activations, and none is alive once the influence passes
+        # start; the teacher's one forward is (its graph serves the auxiliary loss and the influence).
+        assert student_saved > 0 and student_alive == 0
+        assert teacher_alive > 0
+    assert at_step_end == [(0, 0), (0, 0)]
 
 
 def test_quiz_rows_never_appear_in_training_batches(tmp_path, tokenizer):
@@ -278,3 +338,58 @@ def test_unsupported_settings_are_refused(tmp_path, tokenizer):
     assert all(
         torch.equal(v, trainer.model.state_dict()[k]) for k, v in student_before.items()
     )  # no step taken
+
+
+def test_teacher_activation_checkpointing_gives_the_same_steps_and_keeps_less(tmp_path, tokenizer):
+    """Recomputing the teacher's activations replays its dropout: the same updates, fewer kept tensors."""
+    results = {}
+    for checkpointing in (False, True):
+        trainer = LGTMTrainer(
+            model=tiny_classifier(1, seed=2, hidden_dropout_prob=0.1),
+            teacher_model=tiny_classifier(
+                2, seed=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
+            ),
+            args=make_args(
+                tmp_path / str(checkpointing),
+                max_steps=2,
+                logging_steps=1,
+                teacher_activation_checkpointing=checkpointing,
+            ),
+            train_dataset=keyword_dataset(48),
+            processing_class=tokenizer,
+        )
+        teacher = SavedActivations(trainer.teacher_model)
+        alive_at_quiz = []
+        quiz_batch = trainer.quiz_batch
+
+        def checked_quiz_batch(quiz_batch=quiz_batch, teacher=teacher, alive_at_quiz=alive_at_quiz):
+            alive_at_quiz.append(teacher.alive())
+            return quiz_batch()
+
+        trainer.quiz_batch = checked_quiz_batch
+        trainer.train()
+        results[checkpointing] = (trainer, alive_at_quiz)
+
+    (plain, plain_alive), (checkpointed, checkpointed_alive) = results[False], results[True]
+    assert checkpointed.teacher_model.is_activation_checkpointing
+    for model in ("teacher_model", "model"):
+        for (name, a), b in zip(
+            getattr(plain, model).named_parameters(),
+            getattr(checkpointed, model).parameters(),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"{model}.{name}")
+    assert all(0 < c < p / 2 for c, p in zip(checkpointed_alive, plain_alive, strict=True))
+
+
+def test_teacher_activation_checkpointing_needs_a_model_that_supports_it(tmp_path, tokenizer):
+    teacher = tiny_classifier(2, seed=1)
+    teacher.supports_gradient_checkpointing = False
+    with pytest.raises(ValueError, match="teacher_activation_checkpointing=True, but the teacher"):
+        LGTMTrainer(
+            model=tiny_classifier(1, seed=2),
+            teacher_model=teacher,
+            args=make_args(tmp_path, teacher_activation_checkpointing=True),
+            train_dataset=keyword_dataset(48),
+            processing_class=tokenizer,
+        )

@@ -413,3 +413,22 @@ def test_an_op_without_double_backward_fails_clearly_before_any_update(tmp_path,
     assert trainer.state.global_step == 0
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in student_before.items())
     assert all(torch.equal(v, trainer.teacher_model.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_teacher_activation_checkpointing_gives_the_same_meta_steps(tmp_path, tokenizer):
+    """Non-reentrant recomputation of the teacher supports the meta-gradient: the same two steps."""
+    models = {}
+    for checkpointing in (False, True):
+        trainer = make_trainer(
+            tmp_path / str(checkpointing),
+            tokenizer,
+            teacher=tiny_classifier(2, seed=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+            max_steps=2,
+            teacher_activation_checkpointing=checkpointing,
+        )
+        trainer.train()
+        models[checkpointing] = [dict(m.named_parameters()) for m in (trainer.teacher_model, trainer.model)]
+    for plain, checkpointed in zip(models[False], models[True], strict=True):
+        assert plain.keys() == checkpointed.keys()
+        for name, value in plain.items():
+            torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-7, msg=name)

@@ -308,3 +308,46 @@ def test_shared_parameters_ensemble_and_cached_logits_are_refused(tmp_path, toke
             train_dataset=cached,
             processing_class=tokenizer,
         )
+
+
+def test_teacher_activation_checkpointing_gives_the_same_steps(tmp_path, tokenizer):
+    """The teacher's activations recomputed in its backward (its dropout replayed): the same two steps."""
+    models = {}
+    for checkpointing in (False, True):
+        trainer = OnlineDistillTrainer(
+            model=tiny_classifier(1, seed=2, hidden_dropout_prob=0.1),
+            teacher_model=tiny_classifier(
+                2, seed=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
+            ),
+            args=make_args(
+                tmp_path / str(checkpointing), max_steps=2, teacher_activation_checkpointing=checkpointing
+            ),
+            train_dataset=keyword_dataset(32),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        assert trainer.teacher_model.is_activation_checkpointing == checkpointing
+        models[checkpointing] = (params(trainer.teacher_model), params(trainer.model))
+    for plain, checkpointed in zip(models[False], models[True], strict=True):
+        for name, value in plain.items():
+            torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_teacher_optimizer_is_torch_fused_adamw_with_trainer_style_decay_groups(tmp_path, tokenizer):
+    trainer = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=make_args(tmp_path, max_steps=2, teacher_weight_decay=0.1),
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    optimizer = trainer.teacher_optimizer
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    names = {n for n, p in trainer.teacher_model.named_parameters() if id(p) in decayed}
+    assert (
+        optimizer.param_groups[0]["weight_decay"] == 0.1 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    )
+    assert names and not any("bias" in n or "LayerNorm" in n for n in names)

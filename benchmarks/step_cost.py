@@ -377,11 +377,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     kd = statistics.median(timers["kd"].times) if "kd" in timers else None
-    naive = max(timers["lgtm_naive"].peaks) if "lgtm_naive" in timers else None
+    naive = max(timers["lgtm_naive"].peaks, default=None) if "lgtm_naive" in timers else None
     rows = {}
     for method, timer in timers.items():
         seconds = statistics.median(timer.times)
-        peak = max(timer.peaks)
+        peak = max(timer.peaks, default=float("nan"))  # nan with --memory_steps 0
         rss = max(timer.rss_peaks) if timer.rss_peaks else None
         rows[method] = {
             "seconds_per_step": seconds,

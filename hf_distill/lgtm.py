@@ -209,9 +209,10 @@ class LGTMTrainer(QuizDistillTrainer):
         self._pending_teacher_update = None
         if self.args.lgtm_student_targets == "updated" and self._step_micro_batches is not None:
             self._step_micro_batches = None
+            inputs = self._prepare_inputs(inputs)  # the base step's own call is then a no-op
             model.train()
             with self.compute_loss_context_manager():
-                self.lgtm_teacher_update(model, self._prepare_inputs(inputs))
+                self.lgtm_teacher_update(model, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         pending, self._pending_teacher_update = self._pending_teacher_update, None
         if pending is not None:
@@ -277,7 +278,8 @@ class LGTMTrainer(QuizDistillTrainer):
                 del grads, lookahead_loss
             elif student_logits is None:
                 raise ValueError(
-                    "lgtm_teacher_update: student_grads come with the student_logits they were taken at."
+                    "lgtm_teacher_update got student_grads without student_logits: pass the (detached) logits "
+                    "of the forward those gradients were taken at, or neither to run the lookahead's own forward."
                 )
             lookahead_params = self._lookahead(params, student_grads)
             del student_grads  # in the faithful step, a parameter-sized set no later pass needs

@@ -40,6 +40,17 @@ def tiny_classifier(
     return BertForSequenceClassification(tiny_bert_config(layers, num_labels, **overrides))
 
 
+def tiny_classifier_with_dropout(layers: int, seed: int) -> BertForSequenceClassification:
+    """A tiny classifier with dropout 0.1 on hidden states and attention, for tests where masks matter."""
+    return tiny_classifier(layers, seed=seed, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def assert_same_parameters(expected: torch.nn.Module, actual: torch.nn.Module, label: str = "") -> None:
+    """Every parameter of ``actual`` equals ``expected``'s to float32 rounding, named in the failure."""
+    for (name, a), b in zip(expected.named_parameters(), actual.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=f"{label}{name}")
+
+
 def keyword_dataset(
     n: int = 64, length: int = 10, seed: int = 0, vocab_size: int = VOCAB
 ) -> datasets.Dataset:

@@ -9,7 +9,13 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import keyword_dataset, tiny_classifier, tiny_run_args
+from conftest import (
+    assert_same_parameters,
+    keyword_dataset,
+    tiny_classifier,
+    tiny_classifier_with_dropout,
+    tiny_run_args,
+)
 from transformers import TrainerCallback
 
 from hf_distill import LGTMTrainer, LGTMTrainingArguments, kl_divergence
@@ -345,10 +351,8 @@ def test_teacher_activation_checkpointing_gives_the_same_steps_and_keeps_less(tm
     results = {}
     for checkpointing in (False, True):
         trainer = LGTMTrainer(
-            model=tiny_classifier(1, seed=2, hidden_dropout_prob=0.1),
-            teacher_model=tiny_classifier(
-                2, seed=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
-            ),
+            model=tiny_classifier_with_dropout(1, seed=2),
+            teacher_model=tiny_classifier_with_dropout(2, seed=1),
             args=make_args(
                 tmp_path / str(checkpointing),
                 max_steps=2,
@@ -372,13 +376,8 @@ def test_teacher_activation_checkpointing_gives_the_same_steps_and_keeps_less(tm
 
     (plain, plain_alive), (checkpointed, checkpointed_alive) = results[False], results[True]
     assert checkpointed.teacher_model.is_activation_checkpointing
-    for model in ("teacher_model", "model"):
-        for (name, a), b in zip(
-            getattr(plain, model).named_parameters(),
-            getattr(checkpointed, model).parameters(),
-            strict=True,
-        ):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"{model}.{name}")
+    assert_same_parameters(plain.teacher_model, checkpointed.teacher_model, "teacher.")
+    assert_same_parameters(plain.model, checkpointed.model, "student.")
     assert all(0 < c < p / 2 for c, p in zip(checkpointed_alive, plain_alive, strict=True))
 
 
@@ -393,3 +392,11 @@ def test_teacher_activation_checkpointing_needs_a_model_that_supports_it(tmp_pat
             train_dataset=keyword_dataset(48),
             processing_class=tokenizer,
         )
+
+
+def test_teacher_update_refuses_student_gradients_without_their_logits(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    grads = [torch.zeros_like(p) for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match="student_grads without student_logits"):
+        trainer.lgtm_teacher_update(trainer.model, batch, student_grads=grads)

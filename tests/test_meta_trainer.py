@@ -9,7 +9,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import keyword_dataset, tiny_classifier, tiny_run_args
+from conftest import (
+    assert_same_parameters,
+    keyword_dataset,
+    tiny_classifier,
+    tiny_classifier_with_dropout,
+    tiny_run_args,
+)
 from transformers import TrainerCallback
 
 import hf_distill.meta
@@ -417,18 +423,17 @@ def test_an_op_without_double_backward_fails_clearly_before_any_update(tmp_path,
 
 def test_teacher_activation_checkpointing_gives_the_same_meta_steps(tmp_path, tokenizer):
     """Non-reentrant recomputation of the teacher supports the meta-gradient: the same two steps."""
-    models = {}
+    trainers = {}
     for checkpointing in (False, True):
         trainer = make_trainer(
             tmp_path / str(checkpointing),
             tokenizer,
-            teacher=tiny_classifier(2, seed=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+            teacher=tiny_classifier_with_dropout(2, seed=1),
             max_steps=2,
             teacher_activation_checkpointing=checkpointing,
         )
         trainer.train()
-        models[checkpointing] = [dict(m.named_parameters()) for m in (trainer.teacher_model, trainer.model)]
-    for plain, checkpointed in zip(models[False], models[True], strict=True):
-        assert plain.keys() == checkpointed.keys()
-        for name, value in plain.items():
-            torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-7, msg=name)
+        assert trainer.teacher_model.is_activation_checkpointing == checkpointing
+        trainers[checkpointing] = trainer
+    assert_same_parameters(trainers[False].teacher_model, trainers[True].teacher_model, "teacher.")
+    assert_same_parameters(trainers[False].model, trainers[True].model, "student.")

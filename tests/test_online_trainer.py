@@ -7,7 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import keyword_dataset, tiny_classifier, tiny_run_args
+from conftest import (
+    assert_same_parameters,
+    keyword_dataset,
+    tiny_classifier,
+    tiny_classifier_with_dropout,
+    tiny_run_args,
+)
 
 from hf_distill import (
     OnlineDistillTrainer,
@@ -312,13 +318,11 @@ def test_shared_parameters_ensemble_and_cached_logits_are_refused(tmp_path, toke
 
 def test_teacher_activation_checkpointing_gives_the_same_steps(tmp_path, tokenizer):
     """The teacher's activations recomputed in its backward (its dropout replayed): the same two steps."""
-    models = {}
+    trainers = {}
     for checkpointing in (False, True):
         trainer = OnlineDistillTrainer(
-            model=tiny_classifier(1, seed=2, hidden_dropout_prob=0.1),
-            teacher_model=tiny_classifier(
-                2, seed=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
-            ),
+            model=tiny_classifier_with_dropout(1, seed=2),
+            teacher_model=tiny_classifier_with_dropout(2, seed=1),
             args=make_args(
                 tmp_path / str(checkpointing), max_steps=2, teacher_activation_checkpointing=checkpointing
             ),
@@ -327,10 +331,9 @@ def test_teacher_activation_checkpointing_gives_the_same_steps(tmp_path, tokeniz
         )
         trainer.train()
         assert trainer.teacher_model.is_activation_checkpointing == checkpointing
-        models[checkpointing] = (params(trainer.teacher_model), params(trainer.model))
-    for plain, checkpointed in zip(models[False], models[True], strict=True):
-        for name, value in plain.items():
-            torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-7, msg=name)
+        trainers[checkpointing] = trainer
+    assert_same_parameters(trainers[False].teacher_model, trainers[True].teacher_model, "teacher.")
+    assert_same_parameters(trainers[False].model, trainers[True].model, "student.")
 
 
 def test_teacher_optimizer_is_torch_fused_adamw_with_trainer_style_decay_groups(tmp_path, tokenizer):

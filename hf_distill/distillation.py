@@ -36,6 +36,7 @@ from .model_card import (
     build_model_card,
     dataset_name_and_tags,
     describe_source,
+    describe_teacher,
     final_eval_metrics,
     summarize_influence,
 )
@@ -984,8 +985,8 @@ class DistillationTrainer(Trainer):
             base_model = None if identity == LOCAL else identity
             base_note = LOCAL if base_model is None and name_or_path else None
         teachers = [
-            TeacherInfo(identity, revision, count_parameters(teacher))
-            for (identity, revision), teacher in zip(self._teacher_sources, self.teacher_models, strict=True)
+            dataclasses.replace(source, num_parameters=count_parameters(teacher))
+            for source, teacher in zip(self._teacher_sources, self.teacher_models, strict=True)
         ]
         inferred_name, inferred_tags = dataset_name_and_tags(self.train_dataset)
         if isinstance(dataset_tags, str):
@@ -1117,12 +1118,12 @@ def _base_with_config(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _teacher_source(teacher: Any, init_kwargs: dict[str, Any] | None) -> tuple[str, str | None]:
-    """(id, revision) of a ``teacher_model`` entry, before it is loaded."""
+def _teacher_source(teacher: Any, init_kwargs: dict[str, Any] | None) -> TeacherInfo:
+    """How the card names a ``teacher_model`` entry (Hub id, or local folder name), before it is loaded."""
     if isinstance(teacher, nn.Module):
         name_or_path = getattr(getattr(unwrap_model(teacher), "config", None), "_name_or_path", "")
-        return describe_source(name_or_path)[0], None  # the revision it was loaded at is not recorded
-    return describe_source(teacher, (init_kwargs or {}).get("revision"))
+        return dataclasses.replace(describe_teacher(name_or_path), revision=None)  # loaded revision: unknown
+    return describe_teacher(teacher, (init_kwargs or {}).get("revision"))
 
 
 def _match_length(teacher_logits: torch.Tensor, length: int) -> torch.Tensor:

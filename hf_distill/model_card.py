@@ -9,6 +9,7 @@ YAML metadata.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -106,11 +107,22 @@ KEY_HYPERPARAMETERS = (
 
 @dataclass
 class TeacherInfo:
-    """Where a teacher came from: a Hub id (or ``"local"``), its revision when known, and its size."""
+    """Where a teacher came from, its revision when known, and its size.
+
+    ``id`` is a Hub id, or with ``local=True`` the name of the local folder it was loaded from (a card on
+    the Hub names it without the path on the author's machine); ``"local"`` when nothing names it (a
+    model built from a configuration).
+    """
 
     id: str = LOCAL
     revision: str | None = None
     num_parameters: int | None = None
+    local: bool = False
+
+    @property
+    def on_hub(self) -> bool:
+        """Whether ``id`` is a Hub repository the card can link to."""
+        return not self.local and self.id != LOCAL
 
 
 @dataclass
@@ -206,6 +218,36 @@ def describe_source(name_or_path: Any, revision: str | None = None) -> tuple[str
     if not is_hub_id(name):
         return LOCAL, None
     return name, cached_commit(name, revision) or revision
+
+
+def recorded_hub_id(folder: str | os.PathLike) -> str | None:
+    """The Hub id a local model folder's ``config.json`` records as its ``_name_or_path``, or None."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as file:
+            recorded = json.load(file).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if is_hub_id(recorded) else None
+
+
+def describe_teacher(name_or_path: Any, revision: str | None = None) -> TeacherInfo:
+    """How a card names a teacher given as a string, or read from a loaded model's ``config._name_or_path``.
+
+    A Hub id keeps its name and gets the cached commit of ``revision`` (see `describe_source`). A local
+    folder is named by the Hub id its ``config.json`` records (``_name_or_path``), else by the folder's
+    name (``local=True``); never by its full path. Anything else (an empty name: a model built from a
+    configuration) is ``"local"``.
+    """
+    name = os.fspath(name_or_path) if hasattr(name_or_path, "__fspath__") else name_or_path
+    if is_hub_id(name):
+        identity, resolved = describe_source(name, revision)
+        return TeacherInfo(identity, resolved)
+    if isinstance(name, str) and name and os.path.isdir(name):
+        recorded = recorded_hub_id(name)
+        if recorded is not None:
+            return TeacherInfo(recorded)
+        return TeacherInfo(Path(name).resolve().name, local=True)
+    return TeacherInfo()
 
 
 def dataset_name_and_tags(dataset: Any) -> tuple[str | None, list[str]]:
@@ -350,9 +392,7 @@ def card_metadata(run: DistillationRun) -> ModelCardData:
     tags = list(dict.fromkeys([DISTILLATION_TAG, run.method, LIBRARY_TAG, *run.tags]))
     distillation: dict[str, Any] = {
         "method": run.method,
-        "teachers": [
-            {"id": t.id, "revision": t.revision, "parameters": t.num_parameters} for t in run.teachers
-        ],
+        "teachers": [_teacher_metadata(t) for t in run.teachers],
         "student_parameters": run.student_parameters,
         "compression_ratio": compression_ratio(run.teachers, run.student_parameters),
         **key_hyperparameters(run.hyperparameters),
@@ -436,7 +476,10 @@ def card_body(run: DistillationRun) -> str:
                 "The teacher was not evaluated during training (a frozen teacher is the input model).",
             ]
     else:
-        lines.append("No evaluation was run during training.")
+        lines.append(
+            "No evaluation was run before this card was written (call `trainer.evaluate()` before "
+            "`save_model()` for the card to carry the results)."
+        )
     lines.append("")
 
     if run.influence_summary is not None:
@@ -485,7 +528,7 @@ def build_teacher_card(
     methods = METHODS.get(method)
     title = methods["title"] if methods else f"`{method}` distillation"
     data = ModelCardData(
-        base_model=teacher.id if teacher.id != LOCAL else None,
+        base_model=teacher.id if teacher.on_hub else None,
         library_name=library_name,
         model_name=model_name,
         pipeline_tag=pipeline_tag,
@@ -494,7 +537,7 @@ def build_teacher_card(
             "method": method,
             "role": "teacher",
             "student": student,
-            "initial_teacher": {"id": teacher.id, "revision": teacher.revision},
+            "initial_teacher": {k: v for k, v in _teacher_metadata(teacher).items() if k != "parameters"},
             **key_hyperparameters(hyperparameters),
         },
     )
@@ -503,7 +546,7 @@ def build_teacher_card(
         "",
         f"This is a **teacher** trained by **{title}** with `hf_distill`, alongside the "
         f"student `{student}`. It started from "
-        + (f"`{teacher.id}`" if teacher.id != LOCAL else "a local checkpoint")
+        + (f"`{teacher.id}`" if teacher.id != LOCAL else "a model built in memory")
         + (f" (revision `{teacher.revision}`)" if teacher.revision else "")
         + " and was updated at every training step to teach that student: it is not an ordinary "
         "fine-tune of its task, and the student is usually the model you want.",
@@ -521,9 +564,22 @@ def build_teacher_card(
 # ----- formatting -------------------------------------------------------------------------------------------
 
 
+def _teacher_metadata(teacher: TeacherInfo) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": teacher.id,
+        "revision": teacher.revision,
+        "parameters": teacher.num_parameters,
+    }
+    if teacher.local:
+        entry["local"] = True
+    return entry
+
+
 def _teacher_text(teacher: TeacherInfo) -> str:
     if teacher.id == LOCAL:
-        return "a local teacher checkpoint"
+        return "a teacher built in memory (no checkpoint name)"
+    if teacher.local:
+        return f"the local teacher checkpoint `{teacher.id}`"
     text = f"the teacher [{teacher.id}](https://huggingface.co/{teacher.id})"
     return text + (f" at revision `{teacher.revision}`" if teacher.revision else "")
 

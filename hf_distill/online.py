@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from .distillation import (
     hf_api,
     upload_staged_folder,
 )
-from .model_card import TeacherInfo, build_teacher_card, final_eval_metrics
+from .model_card import build_teacher_card, final_eval_metrics
 from .objectives import kl_divergence, logit_mse
 from .teacher import (
     average_gradients_across_processes,
@@ -393,11 +393,10 @@ class OnlineDistillTrainer(DistillationTrainer):
             shutil.rmtree(staging)
         self.save_teacher(staging)
         teacher = unwrap_model_keep_peft(self.teacher_models[0])
-        identity, initial_revision = self._teacher_sources[0]
         card = build_teacher_card(
             method=self.method_name,
             model_name=repo_id.split("/")[-1],
-            teacher=TeacherInfo(identity, initial_revision, count_parameters(teacher)),
+            teacher=replace(self._teacher_sources[0], num_parameters=count_parameters(teacher)),
             student=self.hub_model_id or self.args.hub_model_id or self._hub_model_name(),
             hyperparameters=self._card_hyperparameters(),
             teacher_metrics=final_eval_metrics(self.state.log_history)[1],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 from huggingface_hub import ModelCard
@@ -16,6 +18,7 @@ from hf_distill.model_card import (
     compression_ratio,
     dataset_name_and_tags,
     describe_source,
+    describe_teacher,
     final_eval_metrics,
     influence_paragraph,
     summarize_influence,
@@ -180,6 +183,33 @@ def test_describe_source(tmp_path, monkeypatch):
     (repo / "snapshots" / COMMIT / "config.json").write_text("{}")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     assert describe_source("org/cached") == ("org/cached", COMMIT)
+
+
+def test_describe_teacher_names_a_local_folder_by_its_recorded_hub_id_or_its_name(tmp_path):
+    plain = tmp_path / "runs" / "mrpc-teacher"
+    plain.mkdir(parents=True)
+    (plain / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert describe_teacher(str(plain)) == TeacherInfo("mrpc-teacher", local=True)
+    recorded = tmp_path / "copy"
+    recorded.mkdir()
+    (recorded / "config.json").write_text(json.dumps({"_name_or_path": "org/teacher"}))
+    assert describe_teacher(recorded) == TeacherInfo("org/teacher")
+    # A recorded path (not a Hub id) does not count; nothing at all is "local".
+    (recorded / "config.json").write_text(json.dumps({"_name_or_path": str(plain)}))
+    assert describe_teacher(recorded) == TeacherInfo("copy", local=True)
+    assert describe_teacher("") == TeacherInfo(LOCAL) and describe_teacher(None) == TeacherInfo(LOCAL)
+    assert describe_teacher("org/teacher", "v1") == TeacherInfo("org/teacher", "v1")
+
+
+def test_card_of_a_local_teacher_names_its_folder_without_a_hub_link():
+    run = make_run(teachers=[TeacherInfo("mrpc-teacher", None, 1000, local=True)])
+    card = ModelCard(str(build_model_card(run)))
+    entry = card.data.to_dict()["distillation"]["teachers"][0]
+    assert entry == {"id": "mrpc-teacher", "revision": None, "parameters": 1000, "local": True}
+    assert "the local teacher checkpoint `mrpc-teacher`" in card.text
+    assert "huggingface.co/mrpc-teacher" not in card.text
+    teacher_card = build_teacher_card("online", "t", TeacherInfo("mrpc-teacher", local=True), "s", {}, {})
+    assert "base_model" not in teacher_card.data.to_dict()
 
 
 def test_dataset_name_and_tags():

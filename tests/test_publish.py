@@ -30,6 +30,7 @@ from hf_distill import (
     glue_compute_metrics,
 )
 from hf_distill.distillation import HUB_STAGING_DIR
+from hf_distill.model_card import TeacherInfo
 from hf_distill.teacher import load_teacher
 
 STUDENT_FILES = {
@@ -242,8 +243,12 @@ def test_teacher_given_as_a_path_and_revision(tmp_path, tokenizer, hub):
     tiny_classifier(2, seed=1).save_pretrained(folder)
     trainer = make_trainer("kd", tmp_path, tokenizer, teacher=str(folder), max_steps=1, eval_strategy="no")
     trainer.push_to_hub()
-    assert card_data(hub.uploads[0]["copy"])["distillation"]["teachers"][0]["id"] == "local"
-    assert _teacher_source("org/teacher", {"revision": "v2"}) == ("org/teacher", "v2")
+    # A local folder is named by its folder name (flagged local), never by its path on this machine.
+    teacher_entry = card_data(hub.uploads[0]["copy"])["distillation"]["teachers"][0]
+    assert teacher_entry == {"id": "teacher", "revision": None, "parameters": 22434, "local": True}
+    text = ModelCard.load(hub.uploads[0]["copy"] / "README.md").text
+    assert "the local teacher checkpoint `teacher`" in text and str(tmp_path) not in text
+    assert _teacher_source("org/teacher", {"revision": "v2"}) == TeacherInfo("org/teacher", "v2")
 
 
 def test_checkpoint_pushes_upload_the_student_alone(tmp_path, tokenizer, hub):

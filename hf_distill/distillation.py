@@ -29,6 +29,8 @@ from .data import (
     default_student_collator,
     split_batch,
 )
+from .devices import no_pin_memory_without_accelerator
+from .metrics import warn_if_collapsed
 from .model_card import (
     LOCAL,
     DistillationRun,
@@ -138,6 +140,13 @@ class DistillationTrainingArguments(TrainingArguments):
             'as a path or Hub id, e.g. \'{"dtype": "bfloat16", "revision": "main"}\'.'
         },
     )
+    allow_untrained_teacher_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept a teacher path or Hub id whose task head is missing from the checkpoint (initialised "
+            "at random); by default that is an error, since such a teacher is not fine-tuned on the task."
+        },
+    )
 
     hidden_distill_weight: float = field(
         default=0.0,
@@ -238,6 +247,7 @@ class DistillationTrainingArguments(TrainingArguments):
             except json.JSONDecodeError as err:
                 raise ValueError(f"teacher_model_init_kwargs is not valid JSON: {err}") from err
         super().__post_init__()
+        no_pin_memory_without_accelerator(self)
 
     def _check_representation_arguments(self) -> None:
         for name in ("hidden_distill_weight", "attention_distill_weight", "crd_weight"):
@@ -333,7 +343,10 @@ class DistillationTrainer(Trainer):
                 "weight per teacher."
             )
         self._teacher_sources = [_teacher_source(t, args.teacher_model_init_kwargs) for t in teachers]
-        teachers = [load_teacher(t, self.model, args.teacher_model_init_kwargs) for t in teachers]
+        teachers = [
+            load_teacher(t, self.model, args.teacher_model_init_kwargs, args.allow_untrained_teacher_head)
+            for t in teachers
+        ]
         for position, teacher in enumerate(teachers):
             check_teacher_student_compatible(teacher, self.model, position)
         self.teacher_models: list[nn.Module] = self._prepare_teachers(teachers)
@@ -840,6 +853,12 @@ class DistillationTrainer(Trainer):
                 logs[name] = float(f"{self.accelerator.reduce(mean, reduction='mean').item():.6g}")
             self._logged_components.clear()
         super().log(logs, start_time)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.evaluation_loop`, plus a warning when the student predicted one class on every row."""
+        output = super().evaluation_loop(*args, **kwargs)
+        warn_if_collapsed(output.predictions, output.label_ids, f"The student ({self.method_name})")
+        return output
 
     # ----- saving and publishing the student ---------------------------------------------------------------
 

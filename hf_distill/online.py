@@ -27,6 +27,7 @@ from .distillation import (
     hf_api,
     upload_staged_folder,
 )
+from .metrics import warn_if_collapsed
 from .model_card import build_teacher_card, final_eval_metrics
 from .objectives import kl_divergence, logit_mse
 from .teacher import (
@@ -350,6 +351,11 @@ class OnlineDistillTrainer(DistillationTrainer):
             if labels is not None:
                 all_labels.append(self.accelerator.gather_for_metrics(labels).cpu())
         teacher.train(was_training)
+        warn_if_collapsed(
+            torch.cat(all_logits).numpy() if all_logits else None,
+            torch.cat(all_labels).numpy() if all_labels else None,
+            "The teacher",
+        )
         metrics: dict[str, float] = {}
         if losses:
             metrics[f"{metric_key_prefix}_loss"] = torch.cat(losses).mean().item()

@@ -83,12 +83,15 @@ def load_teacher(
     teacher: nn.Module | str,
     student: nn.Module,
     init_kwargs: dict[str, Any] | None = None,
+    allow_untrained_head: bool = False,
 ) -> nn.Module:
     """Return ``teacher`` as a module; a string is a local folder or a Hub id.
 
     A string is loaded with the Auto class of the student's head (a sequence-classification student gets
     ``AutoModelForSequenceClassification``), safetensors only, and ``trust_remote_code`` only if the caller
-    sets it in ``init_kwargs``.
+    sets it in ``init_kwargs``. A checkpoint without that head (a pretrained model not fine-tuned on the
+    task), whose head ``from_pretrained`` therefore initialises at random, is refused unless
+    ``allow_untrained_head``. A module is returned as it is: whether its head was trained cannot be told.
     """
     if isinstance(teacher, nn.Module):
         return teacher
@@ -122,7 +125,28 @@ def load_teacher(
             "`AutoModel.from_pretrained(path).save_pretrained(path)` (transformers writes safetensors), or "
             "load the teacher yourself and pass the module."
         )
-    return _AUTO_CLASS[task].from_pretrained(path, **kwargs)
+    model, loading_info = _AUTO_CLASS[task].from_pretrained(path, output_loading_info=True, **kwargs)
+    new_head = untrained_head_parameters(model, loading_info)
+    if new_head and not allow_untrained_head:
+        raise ValueError(
+            f"The teacher {path} has no trained {task.replace('_', '-')} head: loading it as "
+            f"{type(model).__name__} initialised {', '.join(new_head)} at random, so it would teach noise. "
+            "Fine-tune it on your task first (transformers.Trainer, or examples/run_glue_lgtm.py "
+            "--teacher_finetune_epochs N) and pass the fine-tuned folder. To start from the new head anyway "
+            "(a learning teacher trains it), set allow_untrained_teacher_head=True in the training arguments."
+        )
+    if new_head:
+        logger.warning("The teacher %s starts from an untrained head (%s).", path, ", ".join(new_head))
+    return model
+
+
+def untrained_head_parameters(model: nn.Module, loading_info: dict[str, Any]) -> list[str]:
+    """Parameters outside the base model that ``from_pretrained`` initialised instead of loading: a task
+    head that was missing from the checkpoint (or had another shape), from ``output_loading_info=True``."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = set(loading_info.get("missing_keys") or ())
+    names |= {k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys") or ()}
+    return sorted(n for n in names if not (prefix and n.startswith(f"{prefix}.")))
 
 
 def freeze(model: nn.Module) -> nn.Module:

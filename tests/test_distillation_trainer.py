@@ -308,6 +308,49 @@ def test_teacher_from_local_path(tmp_path, tokenizer, tiny_pair):
         assert torch.equal(trainer.teacher_model.state_dict()[name], value)
 
 
+def test_teacher_path_without_a_trained_head_is_refused_unless_allowed(
+    tmp_path, tokenizer, tiny_pair, caplog
+):
+    from transformers import BertModel
+
+    _, student = tiny_pair
+    BertModel(tiny_bert_config(layers=2)).save_pretrained(tmp_path / "pretrained")  # an encoder, no head
+    common = dict(model=student, teacher_model=str(tmp_path / "pretrained"), processing_class=tokenizer)
+    with pytest.raises(
+        ValueError, match=r"no trained sequence-classification head.*classifier\.weight.*Fine-tune"
+    ):
+        DistillationTrainer(args=make_args(tmp_path), train_dataset=keyword_dataset(16), **common)
+    with caplog.at_level("WARNING", logger="hf_distill.teacher"):
+        trainer = DistillationTrainer(
+            args=make_args(tmp_path, allow_untrained_teacher_head=True),
+            train_dataset=keyword_dataset(16),
+            **common,
+        )
+    assert "starts from an untrained head" in caplog.text
+    assert trainer.teacher_model.bert.encoder.layer[0].attention.self.query.weight.abs().sum() > 0
+
+
+def test_evaluation_warns_when_the_student_predicts_one_class(tmp_path, tokenizer, tiny_pair, caplog):
+    teacher, student = tiny_pair
+    with torch.no_grad():  # a head that always says class 1, whatever the input
+        student.classifier.weight.zero_()
+        student.classifier.bias.copy_(torch.tensor([0.0, 5.0]))
+    data = keyword_dataset(16)  # labels alternate 0, 1
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+    )
+    with caplog.at_level("WARNING", logger="hf_distill.metrics"):
+        metrics = trainer.evaluate()
+    assert metrics["eval_accuracy"] == 0.5
+    assert "The student (kd) predicted class 1 on all 16 evaluation rows" in caplog.text
+
+
 def test_evaluate_reports_the_students_task_loss(tmp_path, tokenizer, tiny_pair):
     teacher, student = tiny_pair
     data = keyword_dataset(32)

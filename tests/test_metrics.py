@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from hf_distill.metrics import GLUE_TASKS, glue_compute_metrics, glue_metrics, is_regression_task
+from hf_distill.metrics import (
+    GLUE_TASKS,
+    glue_compute_metrics,
+    glue_metrics,
+    is_regression_task,
+    majority_class_metrics,
+    single_predicted_class,
+    warn_if_collapsed,
+)
 
 EXPECTED_KEYS = {
     "cola": {"matthews_correlation"},
@@ -336,3 +344,37 @@ def test_f1_without_any_positive_is_zero_without_warning():
         warnings.simplefilter("error")
         result = glue_metrics("qqp", [0, 0, 0], [0, 0, 0])
     assert result == {"accuracy": 1.0, "f1": 0.0}
+
+
+# ----- collapse to one class ---------------------------------------------------------------------------------
+
+
+def test_single_predicted_class_of_logits_ids_and_other_outputs():
+    one = np.array([[0.1, 2.0], [0.3, 0.9], [-1.0, 0.0]])
+    assert single_predicted_class(one) == 1 and single_predicted_class((one, "hidden")) == 1
+    assert single_predicted_class(np.array([[2.0, 0.1], [0.3, 0.9]])) is None  # two classes
+    assert single_predicted_class(np.array([2, 2, 2])) == 2  # class ids
+    assert single_predicted_class(np.array([[0.5], [0.7]])) is None  # a regression head
+    assert single_predicted_class(np.array([0.5, 0.5])) is None  # float scores, not ids
+    assert single_predicted_class(np.array([[0.0, 1.0]])) is None  # one row says nothing
+    assert single_predicted_class(None) is None
+
+
+def test_majority_class_metrics_score_the_constant_majority_prediction():
+    refs = [1, 1, 0, 1, -1]  # 3 of 4 labelled rows are 1; the unlabelled row is ignored
+    assert majority_class_metrics("mrpc", refs) == {"accuracy": 0.75, "f1": pytest.approx(6 / 7)}
+    assert majority_class_metrics("cola", [0, 0, 1]) == {"matthews_correlation": 0.0}
+    assert majority_class_metrics("mnli", [2, 2, 0, 1]) == {"accuracy": 0.5}
+    assert majority_class_metrics("stsb", [0.5, 4.0]) is None
+
+
+def test_warn_if_collapsed_names_the_class_its_share_and_the_baseline(caplog):
+    logits = np.array([[1.0, 0.0]] * 4)
+    with caplog.at_level("WARNING", logger="hf_distill.metrics"):
+        assert warn_if_collapsed(logits, np.array([0, 0, 0, 1]), "The teacher") == 0
+    assert "The teacher predicted class 0 on all 4 evaluation rows" in caplog.text
+    assert "accuracy 0.7500; always predicting the majority class scores 0.7500" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_distill.metrics"):
+        assert warn_if_collapsed(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])) is None
+    assert caplog.text == ""

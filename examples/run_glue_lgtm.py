@@ -8,7 +8,8 @@ and a student made of its first 3 layers::
         --alpha 1.0 --temperature 1.0 --learning_rate 5e-5 --num_train_epochs 6 \\
         --output_dir out/mrpc-lgtm
 
-Offline, on local files, fine-tuning the teacher first from a pretrained checkpoint (reused next time)::
+Offline, on local files, fine-tuning the teacher first from a pretrained checkpoint (once: the fine-tuned
+teacher is cached under $HF_HOME/hf_distill/teachers and reused by later runs with the same settings)::
 
     python examples/run_glue_lgtm.py --method kd --task_name mrpc --data_dir ../shared/data/glue/mrpc \\
         --teacher_model_name_or_path path/to/pretrained --teacher_finetune_epochs 3 \\
@@ -16,7 +17,7 @@ Offline, on local files, fine-tuning the teacher first from a pretrained checkpo
 
 ``--method`` picks the trainer and its arguments: ``finetune`` (`transformers.Trainer`, no teacher),
 ``kd`` (`DistillationTrainer`), ``online`` (`OnlineDistillTrainer`), ``meta`` (`MetaDistillTrainer`),
-``lgtm`` (`LGTMTrainer`); ``--help`` after ``--method X`` lists X's arguments. ``--config run.json`` (or
+``lgtm`` (`LGTMTrainer`); ``--method X --help`` lists X's options, ``--help_all`` every option. ``--config run.json`` (or
 .yaml) gives arguments from a file; the command line overrides it. Without any of ``--do_train``,
 ``--do_eval``, ``--do_predict`` the script trains and evaluates. See docs/examples.md for every option
 and output.
@@ -25,6 +26,9 @@ and output.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,9 +36,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import transformers
@@ -62,6 +67,7 @@ from hf_distill import (
     glue_compute_metrics,
     split_quiz,
 )
+from hf_distill.devices import no_pin_memory_without_accelerator
 from hf_distill.glue import (
     GLUE_SUBMISSION_FILES,
     TRAINABLE_GLUE_TASKS,
@@ -75,10 +81,46 @@ from hf_distill.glue import (
     tokenize_glue,
     write_glue_predictions,
 )
+from hf_distill.metrics import majority_class_metrics, warn_if_collapsed
+from hf_distill.model_card import describe_teacher
 
 logger = logging.getLogger("run_glue_lgtm")
 
+PROG = "run_glue_lgtm.py"
+USAGE = f"{PROG} --method METHOD --task_name TASK --output_dir DIR [options]"
 METHODS = ("finetune", "kd", "online", "meta", "lgtm")
+METHOD_SUMMARIES = {
+    "finetune": "the student alone (transformers.Trainer); no teacher",
+    "kd": "classic distillation from a frozen, fine-tuned teacher (DistillationTrainer)",
+    "online": "the teacher learns with the student (OnlineDistillTrainer)",
+    "meta": "the teacher learns from the student's quiz loss, second order (MetaDistillTrainer)",
+    "lgtm": "the teacher's update is weighted by each sample's distillation influence (LGTMTrainer)",
+}
+# TrainingArguments worth listing in a method's --help; --help_all lists every one.
+COMMON_TRAINING_OPTIONS = (
+    "output_dir",
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "num_train_epochs",
+    "max_steps",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "seed",
+    "logging_steps",
+    "eval_strategy",
+    "save_strategy",
+    "report_to",
+    "use_cpu",
+    "bf16",
+    "push_to_hub",
+    "hub_model_id",
+    "resume_from_checkpoint",
+)
+# Without --logging_steps, a run logs 20 times whatever its length (a ratio, as TrainingArguments allows):
+# short runs still show their losses and, for LGTM, the influence statistics its model card summarises.
+DEFAULT_LOGGING_STEPS = 0.05
 LEARNING_TEACHER = frozenset({"online", "meta", "lgtm"})
 QUIZ_METHODS = frozenset({"meta", "lgtm"})
 TEACHER_CACHE_FILE = "hf_distill_teacher.json"
@@ -127,8 +169,8 @@ class ModelArguments:
         default=0.0,
         metadata={
             "help": "If > 0, fine-tune the teacher from --teacher_model_name_or_path for this many epochs on "
-            "the training data first, save it to --teacher_output_dir and reuse it on later runs with the "
-            "same settings."
+            "the training data first. It is cached (see --teacher_cache_dir) and reused by later runs with "
+            "the same teacher, task, data and fine-tuning settings."
         },
     )
     teacher_finetune_learning_rate: float = field(
@@ -140,10 +182,19 @@ class ModelArguments:
             "help": "Seed of the teacher's fine-tuning (kept apart from --seed so seeds share a teacher)."
         },
     )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache of fine-tuned teachers, one folder per teacher, task, data and settings (default: "
+            "$HF_HOME/hf_distill/teachers; HF_HOME defaults to $XDG_CACHE_HOME/huggingface, then "
+            "~/.cache/huggingface)."
+        },
+    )
     teacher_output_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where the fine-tuned teacher is saved and looked for (default: <output_dir>/teacher)."
+            "help": "Save the fine-tuned teacher in exactly this folder instead of the cache (reused from there "
+            "while the settings match)."
         },
     )
     model_name_or_path: str | None = field(
@@ -192,7 +243,7 @@ class ModelArguments:
 class DataArguments:
     """The GLUE task and where its data comes from."""
 
-    task_name: str = field(default=None, metadata={"help": f"GLUE task: {', '.join(TRAINABLE_GLUE_TASKS)}."})
+    task_name: str = field(metadata={"help": f"GLUE task: {', '.join(TRAINABLE_GLUE_TASKS)}."})
     dataset_name: str = field(
         default="glue",
         metadata={
@@ -232,10 +283,10 @@ class DataArguments:
         },
     )
     quiz_holdout_seed: int = field(default=42, metadata={"help": "Seed of the --quiz_holdout split."})
+    # Set by parse_args: evaluation was switched on because no --do_* flag was given.
+    eval_by_default: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        if self.task_name is None:
-            raise ValueError(f"--task_name is required: one of {', '.join(TRAINABLE_GLUE_TASKS)}.")
         self.task_name = self.task_name.lower().replace("-", "")
         if self.task_name not in TRAINABLE_GLUE_TASKS:
             raise ValueError(
@@ -275,25 +326,133 @@ def load_config(path: str) -> dict[str, Any]:
     return config
 
 
+# ----- the command line: help and errors ------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default, except for required options and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if action.option_strings else text
+
+
+def cli_error(message: str) -> NoReturn:
+    """End the script as argparse does for a bad command line: usage, ``error:`` and exit code 2."""
+    sys.stderr.write(f"usage: {USAGE}\n{PROG}: error: {message}\n")
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def usage_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Report the user's mistakes raised inside (bad values, missing files) as CLI errors, not tracebacks."""
+    caught = kinds or (ValueError, OSError)
+    try:
+        yield
+    except caught as err:
+        cli_error(str(err))
+
+
+def overview() -> str:
+    """``--help`` without ``--method``: what the script does, the methods, where their options are."""
+    lines = [f"usage: {USAGE}", "", __doc__.split("\n\n")[0], "", "methods (--method):"]
+    lines += [f"  {name:<9} {summary}" for name, summary in METHOD_SUMMARIES.items()]
+    lines += [
+        "",
+        "A method's options:     python examples/run_glue_lgtm.py --method lgtm --help",
+        "Every option:           python examples/run_glue_lgtm.py --method lgtm --help_all",
+        "Offline, on local data: --data_dir path/to/glue/mrpc (train/validation/test .jsonl, .tsv or .csv)",
+        "A pretrained teacher:   --teacher_finetune_epochs 3 fine-tunes it first, once (it is cached)",
+        "Documentation:          docs/examples.md",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _shown(action: argparse.Action) -> argparse.Action:
+    """A copy of ``action`` for a short help: its first spelling only, ``true|false`` for switches."""
+    shown = copy.copy(action)
+    shown.option_strings = action.option_strings[:1]
+    if action.nargs == "?" and action.const is True:
+        shown.metavar = "true|false"
+    return shown
+
+
+def method_help(method: str, parser: HfArgumentParser, args_class: type[TrainingArguments]) -> str:
+    """``--method X --help``: the task and data options, the teacher and student ones, X's own arguments
+    and the common training ones."""
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = {f.name for f in dataclasses.fields(args_class)} - trainer_fields
+    display = argparse.ArgumentParser(
+        prog=PROG,
+        usage=USAGE.replace("METHOD", method),
+        description=f"--method {method}: {METHOD_SUMMARIES[method]}.",
+        epilog="Every transformers.TrainingArguments option is accepted too: --help_all lists them all.",
+        formatter_class=HelpFormatter,
+        add_help=False,
+    )
+    groups = [
+        ("the task and its data", {f.name for f in dataclasses.fields(DataArguments)}),
+        ("the teacher and the student", {f.name for f in dataclasses.fields(ModelArguments)} - {"method"}),
+        (f"{args_class.__name__}: the {method} method's own options", own),
+        ("common training options (transformers.TrainingArguments)", set(COMMON_TRAINING_OPTIONS)),
+    ]
+    for title, names in groups:
+        actions = [a for a in parser._actions if a.dest in names and a.option_strings]
+        if actions:
+            group = display.add_argument_group(title)
+            for action in actions:
+                if not action.option_strings[0].startswith("--no_"):  # `--x false` says the same
+                    group._add_action(_shown(action))
+    return display.format_help()
+
+
+def build_parser(args_class: type[TrainingArguments]) -> HfArgumentParser:
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, args_class), prog=PROG, usage=USAGE, formatter_class=HelpFormatter
+    )
+    parser.set_defaults(logging_steps=DEFAULT_LOGGING_STEPS)
+    return parser
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse the command line (and ``--config``) into the three argument dataclasses of ``--method``."""
+    """Parse the command line (and ``--config``) into the three argument dataclasses of ``--method``.
+
+    ``--help`` without ``--method`` describes the script and lists the methods; with ``--method X`` it
+    lists X's options; ``--help_all`` lists every option. Bad values end the script as CLI errors.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         argv = ["--config", *argv]  # transformers' convention: the file as the first argument
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--method", default=None)
+    pre.add_argument("-h", "--help", action="store_true")
+    pre.add_argument("--help_all", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    config = load_config(known.config) if known.config else {}
-    method = known.method or config.get("method") or ModelArguments.method
-    _, args_class = trainer_classes(method)
-    parser = HfArgumentParser((ModelArguments, DataArguments, args_class))
+    with usage_errors():
+        config = load_config(known.config) if known.config else {}
+    method = known.method or config.get("method")
+    if known.help and method is None:
+        print(overview(), end="")
+        raise SystemExit(0)
+    method = method or ModelArguments.method
+    with usage_errors(ValueError):
+        _, args_class = trainer_classes(method)
+    parser = build_parser(args_class)
+    if known.help or known.help_all:
+        print(parser.format_help() if known.help_all else method_help(method, parser, args_class), end="")
+        raise SystemExit(0)
     # The file's arguments come first, so the command line overrides them.
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=_config_to_argv(config) + rest + ["--method", method]
-    )
+    with usage_errors(ValueError):
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+            args=_config_to_argv(config) + rest + ["--method", method]
+        )
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True
+        data_args.eval_by_default = True
+    no_pin_memory_without_accelerator(training_args)
     return model_args, data_args, training_args
 
 
@@ -387,6 +546,12 @@ def prepare_data(
     for kind, needed in needs.items():
         if needed and not any(s in raw for s in wanted[kind]):
             flag = {"train": "--do_train", "validation": "--do_eval", "test": "--do_predict"}[kind]
+            if kind == "validation" and data_args.eval_by_default:  # the user asked for no evaluation
+                raise ValueError(
+                    f"The data has no validation split (only {list(raw)}), and without --do_train, --do_eval "
+                    "or --do_predict the script trains and evaluates. Give --validation_file or put a "
+                    f"{wanted[kind][0]} file in --data_dir, or pass --do_train to train without evaluating."
+                )
             raise ValueError(
                 f"{flag} needs a {kind} split, but the data has only {list(raw)}; give --{kind}_file or put a "
                 f"{wanted[kind][0]} file in --data_dir."
@@ -425,10 +590,22 @@ def _content_hash(dataset: Any) -> str:
 # ----- the teacher ---------------------------------------------------------------------------------------------
 
 
+def checked_metrics(task_split: str, what: str) -> Callable[[Any], dict[str, float]]:
+    """``glue_compute_metrics`` plus a warning when ``what`` predicted one class on every row (for
+    `transformers.Trainer`; hf_distill's trainers warn by themselves)."""
+    compute = glue_compute_metrics(task_split)
+
+    def compute_and_check(prediction: Any) -> dict[str, float]:
+        warn_if_collapsed(prediction.predictions, prediction.label_ids, what)
+        return compute(prediction)
+
+    return compute_and_check
+
+
 def evaluate_model(
     model: nn.Module, eval_sets: dict[str, Any], task: str, training_args: TrainingArguments, collator: Any
 ) -> dict[str, float]:
-    """``eval_*`` metrics of ``model`` on every validation set (mnli mismatched: suffix ``_mm``)."""
+    """``eval_*`` metrics of the teacher ``model`` on every validation set (mnli mismatched: suffix ``_mm``)."""
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="teacher_eval_") as scratch:  # evaluation writes nothing there
         args = TrainingArguments(
@@ -439,13 +616,14 @@ def evaluate_model(
             fp16=training_args.fp16,
             report_to="none",
             disable_tqdm=training_args.disable_tqdm,
+            dataloader_pin_memory=training_args.dataloader_pin_memory,
         )
         for split, dataset in eval_sets.items():
             trainer = Trainer(
                 model=model,
                 args=args,
                 data_collator=collator,
-                compute_metrics=glue_compute_metrics(metric_task(task, split)),
+                compute_metrics=checked_metrics(metric_task(task, split), f"The teacher ({split})"),
             )
             metrics.update(_suffixed(trainer.evaluate(dataset), split))
     return metrics
@@ -453,6 +631,61 @@ def evaluate_model(
 
 def _suffixed(metrics: dict[str, float], split: str) -> dict[str, float]:
     return {f"{k}_mm" if split.endswith("mismatched") else k: v for k, v in metrics.items()}
+
+
+def default_teacher_cache_dir() -> Path:
+    """``$HF_HOME/hf_distill/teachers``; ``HF_HOME`` defaults to ``$XDG_CACHE_HOME/huggingface``, then
+    ``~/.cache/huggingface``, as in the Hugging Face libraries."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    hf_home = os.environ.get("HF_HOME") or os.path.join(cache_home, "huggingface")
+    return Path(hf_home) / "hf_distill" / "teachers"
+
+
+def checkpoint_fingerprint(name_or_path: str, revision: str) -> Any:
+    """What identifies a starting checkpoint: a local folder's weight and config files (name, size,
+    modification time), or a Hub id at its revision."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return f"{name_or_path}@{revision}"
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"}
+    )
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def teacher_settings(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, train: Any
+) -> dict[str, Any]:
+    """Everything the fine-tuned teacher depends on: its starting checkpoint, the task, the tokenised
+    training rows and the fine-tuning settings. Equal settings, same teacher."""
+    base = model_args.teacher_model_name_or_path
+    return {
+        "base": base,
+        "base_fingerprint": checkpoint_fingerprint(base, model_args.model_revision),
+        "task": data_args.task_name,
+        "epochs": model_args.teacher_finetune_epochs,
+        "learning_rate": model_args.teacher_finetune_learning_rate,
+        "seed": model_args.teacher_finetune_seed,
+        "batch_size": training_args.per_device_train_batch_size,
+        "weight_decay": training_args.weight_decay,
+        "warmup_steps": training_args.warmup_steps,
+        "max_seq_length": data_args.max_seq_length,
+        "train_sampling_strategy": training_args.train_sampling_strategy,
+        "train_rows": len(train),
+        "train_hash": _content_hash(train),
+    }
+
+
+def teacher_folder(model_args: ModelArguments, settings: dict[str, Any]) -> Path:
+    """``--teacher_output_dir``, or the cache's folder for these settings: ``<task>-<teacher>-<hash>``."""
+    if model_args.teacher_output_dir:
+        return Path(model_args.teacher_output_dir)
+    cache = (
+        Path(model_args.teacher_cache_dir) if model_args.teacher_cache_dir else default_teacher_cache_dir()
+    )
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    name = describe_teacher(settings["base"]).id.replace("/", "--")
+    return cache / f"{settings['task']}-{name}-{key}"
 
 
 def finetune_teacher(
@@ -467,30 +700,23 @@ def finetune_teacher(
 
     Returns (folder of the fine-tuned teacher, cache record with its settings, metrics and time).
     """
-    folder = Path(model_args.teacher_output_dir or os.path.join(training_args.output_dir, "teacher"))
     if data["train"] is None:
         raise ValueError("--teacher_finetune_epochs needs training data to fine-tune the teacher on.")
-    settings = {
-        "base": model_args.teacher_model_name_or_path,
-        "task": data_args.task_name,
-        "epochs": model_args.teacher_finetune_epochs,
-        "learning_rate": model_args.teacher_finetune_learning_rate,
-        "seed": model_args.teacher_finetune_seed,
-        "batch_size": training_args.per_device_train_batch_size,
-        "weight_decay": training_args.weight_decay,
-        "warmup_steps": training_args.warmup_steps,
-        "max_seq_length": data_args.max_seq_length,
-        "train_sampling_strategy": training_args.train_sampling_strategy,
-        "train_rows": len(data["train"]),
-        "train_hash": _content_hash(data["train"]),
-        "eval_rows": {split: len(ds) for split, ds in data["eval"].items()},
-    }
+    settings = teacher_settings(model_args, data_args, training_args, data["train"])
+    folder = teacher_folder(model_args, settings)
+    eval_rows = {split: len(ds) for split, ds in data["eval"].items()}
     record_path = folder / TEACHER_CACHE_FILE
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("settings") == settings:
-            logger.info("Reusing the teacher fine-tuned earlier in %s", folder)
-            print(f"Reusing the fine-tuned teacher in {folder}", flush=True)
+            print(f"Teacher cache: reusing the teacher fine-tuned earlier, in {folder}", flush=True)
+            if record.get("eval_rows") != eval_rows:  # other validation rows: score it again, cheaply
+                teacher = load_classifier(str(folder), data_args.task_name, model_args, role="teacher")
+                record["eval"] = evaluate_model(
+                    teacher, data["eval"], data_args.task_name, training_args, collator
+                )
+                record["eval_rows"] = eval_rows
+                record_path.write_text(json.dumps(record, indent=2) + "\n")
             record["cached"] = True
             return str(folder), record
         changed = sorted(k for k in settings if record.get("settings", {}).get(k) != settings[k])
@@ -500,7 +726,8 @@ def finetune_teacher(
 
     print(
         f"Fine-tuning the teacher {model_args.teacher_model_name_or_path} for "
-        f"{model_args.teacher_finetune_epochs:g} epochs on {len(data['train'])} rows → {folder}",
+        f"{model_args.teacher_finetune_epochs:g} epochs on {len(data['train'])} rows. Teacher cache: {folder} "
+        "(later runs with the same teacher, task, data and settings reuse it)",
         flush=True,
     )
     set_seed(model_args.teacher_finetune_seed)
@@ -521,6 +748,7 @@ def finetune_teacher(
         bf16=training_args.bf16,
         fp16=training_args.fp16,
         dataloader_num_workers=training_args.dataloader_num_workers,
+        dataloader_pin_memory=training_args.dataloader_pin_memory,
         disable_tqdm=training_args.disable_tqdm,
         logging_strategy="epoch",
         eval_strategy="no",
@@ -539,7 +767,13 @@ def finetune_teacher(
     seconds = time.perf_counter() - start
     trainer.save_model(str(folder))
     metrics = evaluate_model(teacher, data["eval"], data_args.task_name, training_args, collator)
-    record = {"settings": settings, "eval": metrics, "train_seconds": round(seconds, 1), "cached": False}
+    record = {
+        "settings": settings,
+        "eval": metrics,
+        "eval_rows": eval_rows,
+        "train_seconds": round(seconds, 1),
+        "cached": False,
+    }
     # Written last: a crash mid-fine-tuning leaves no record, so the next run fine-tunes again.
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return str(folder), record
@@ -648,120 +882,29 @@ def print_summary(task: str, method: str, rows: list[dict[str, Any]]) -> None:
         print(f"{row['name']:<30}{layers!s:>7}{params:>9}{cells}{shown}")
 
 
-# ----- main ----------------------------------------------------------------------------------------------------
+def majority_baseline(task: str, eval_sets: dict[str, Any]) -> dict[str, float] | None:
+    """The ``eval_*`` metrics of always predicting each validation set's majority class (None for stsb)."""
+    metrics: dict[str, float] = {}
+    for split, dataset in eval_sets.items():
+        baseline = majority_class_metrics(metric_task(task, split), dataset["label"])
+        if baseline is None:
+            return None
+        metrics.update(_suffixed({f"eval_{k}": v for k, v in baseline.items()}, split))
+    return metrics
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the script; returns what it wrote: ``eval``, ``teacher_eval``, ``quiz``, ``train`` metrics, paths."""
-    model_args, data_args, training_args = parse_args(argv)
-    method, task = model_args.method, data_args.task_name
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    trainer_class, _ = trainer_classes(method)
-    output_dir = Path(training_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    student_source = model_args.model_name_or_path or model_args.teacher_model_name_or_path
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name or student_source,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-    )
-    data = prepare_data(data_args, model_args, training_args, tokenizer)
-    collator = collator_for(tokenizer, data_args, training_args)
-    if data["quiz"] is not None:
-        print(f"Held out {len(data['quiz'])} quiz rows; training on {len(data['train'])} rows.", flush=True)
-
-    teacher, teacher_info = prepare_teacher(model_args, data_args, training_args, data, tokenizer, collator)
-    results: dict[str, Any] = {"output_dir": str(output_dir), "teacher_eval": teacher_info.get("eval", {})}
-    if teacher is not None and teacher_info.get("eval"):
-        (output_dir / "teacher_eval_results.json").write_text(
-            json.dumps(teacher_info["eval"], indent=2) + "\n"
-        )
-
-    set_seed(training_args.seed)
-    student = load_classifier(student_source, task, model_args, model_args.student_num_layers)
-    if model_args.init_classifier_to_zero:
-        zero_classifier(student)
-        if teacher is not None and method in LEARNING_TEACHER:
-            zero_classifier(teacher)
-        elif teacher is not None:
-            logger.warning(
-                "--init_classifier_to_zero: the frozen %s teacher keeps its head (it does not learn).", method
-            )
-
-    eval_sets = data["eval"]
-    first_eval = next(iter(eval_sets), None)
-    callbacks = [InfluenceLoggerCallback()] if method == "lgtm" else []
-    kwargs: dict[str, Any] = dict(
-        model=student,
-        args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=eval_sets.get(first_eval),
-        processing_class=tokenizer,
-        data_collator=collator,
-        compute_metrics=glue_compute_metrics(metric_task(task, first_eval or "validation")),
-        callbacks=callbacks,
-    )
-    if method != "finetune":
-        kwargs["teacher_model"] = teacher
-    if method in QUIZ_METHODS and data["quiz"] is not None:
-        kwargs["quiz_dataset"] = data["quiz"]
-    trainer = trainer_class(**kwargs)
-
-    train_seconds = None
-    if training_args.do_train:
-        print(f"Training the student with {method} on {len(trainer.train_dataset)} rows", flush=True)
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        train_seconds = train_result.metrics.get("train_runtime")
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-        results["train"] = train_result.metrics
-        card = {"tasks": "text-classification", "dataset": f"GLUE {task.upper()}", "dataset_args": task}
-        if data_args.data_dir or data_args.train_file:
-            card["dataset"] += " (local files)"
-        else:  # the Hub's GLUE lives at nyu-mll/glue ("glue" redirects there)
-            card["dataset_tags"] = (
-                "nyu-mll/glue" if data_args.dataset_name == "glue" else data_args.dataset_name
-            )
-        if training_args.push_to_hub:
-            trainer.push_to_hub(**card)  # also leaves the pushed student in output_dir
-        else:
-            trainer.save_model()
-            trainer.create_model_card(**card)
-        if method == "lgtm":
-            log_path = output_dir / "influence.jsonl"
-            results["figures"] = (
-                write_influence_figures(log_path, training_args.seed) if log_path.is_file() else []
-            )
-
-    if training_args.do_eval:
-        metrics: dict[str, float] = {}
-        for split, dataset in eval_sets.items():
-            split_metrics = trainer.evaluate(eval_dataset=dataset)
-            split_metrics["eval_samples"] = len(dataset)
-            metrics.update(_suffixed(split_metrics, split))
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results["eval"] = metrics
-        if data["quiz"] is not None:
-            quiz = trainer.evaluate(eval_dataset=data["quiz"], metric_key_prefix="quiz")
-            quiz["quiz_samples"] = len(data["quiz"])
-            trainer.save_metrics("quiz", quiz)
-            results["quiz"] = quiz
-
-    if training_args.do_predict:
-        written = []
-        for split, dataset in data["test"].items():
-            output = trainer.predict(dataset.remove_columns("label"), metric_key_prefix="predict")
-            path = output_dir / GLUE_SUBMISSION_FILES[metric_task(task, split)]
-            if trainer.is_world_process_zero():
-                write_glue_predictions(path, task, predictions_from_logits(task, output.predictions))
-            written.append(str(path))
-        results["predictions"] = written
-
+def summary_rows(
+    method: str,
+    teacher_info: dict[str, Any],
+    model_args: ModelArguments,
+    trainer: Trainer,
+    results: dict[str, Any],
+    baseline: dict[str, float] | None,
+) -> list[dict[str, Any]]:
+    """The summary's rows: the teacher as given, the student, the teacher after a learning method, and the
+    majority-class baseline that a model collapsed to one class scores at best."""
     rows = []
-    if teacher is not None:
+    if teacher_info:
         name = "teacher" + (" (fine-tuned here)" if model_args.teacher_finetune_epochs > 0 else "")
         if teacher_info.get("cached"):
             name = "teacher (fine-tuned, cached)"
@@ -780,12 +923,185 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "layers": getattr(trainer.model.config, "num_hidden_layers", None),
             "params": count_parameters(trainer.model),
             "metrics": results.get("eval"),
-            "seconds": train_seconds,
+            "seconds": (results.get("train") or {}).get("train_runtime"),
         }
     )
-    print_summary(task, method, rows)
+    taught = {
+        k.replace("eval_teacher_", "eval_"): v
+        for k, v in (results.get("eval") or {}).items()
+        if "_teacher_" in k
+    }
+    if method in LEARNING_TEACHER and taught:
+        rows.append(
+            {
+                "name": f"teacher after {method}",
+                "layers": teacher_info.get("layers"),
+                "params": teacher_info.get("params"),
+                "metrics": taught,
+            }
+        )
+    if baseline is not None:
+        rows.append({"name": "majority class (baseline)", "metrics": baseline})
+    return rows
+
+
+# ----- main ----------------------------------------------------------------------------------------------------
+
+
+def card_arguments(task: str, data_args: DataArguments) -> dict[str, Any]:
+    card = {"tasks": "text-classification", "dataset": f"GLUE {task.upper()}", "dataset_args": task}
+    if data_args.data_dir or data_args.train_file:
+        card["dataset"] += " (local files)"
+    else:  # the Hub's GLUE lives at nyu-mll/glue ("glue" redirects there)
+        card["dataset_tags"] = "nyu-mll/glue" if data_args.dataset_name == "glue" else data_args.dataset_name
+    return card
+
+
+def evaluate_student(trainer: Trainer, eval_sets: dict[str, Any], quiz: Any) -> dict[str, Any]:
+    """Score the student on every validation set (and the quiz rows); writes eval_results.json.
+
+    The first validation set (mnli: matched) is scored last, so that the model card, which reads the
+    latest evaluation in the trainer's log, reports it.
+    """
+    metrics: dict[str, float] = {}
+    for split, dataset in reversed(eval_sets.items()):
+        split_metrics = trainer.evaluate(eval_dataset=dataset)
+        split_metrics["eval_samples"] = len(dataset)
+        metrics.update(_suffixed(split_metrics, split))
+    metrics = dict(sorted(metrics.items()))
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    out: dict[str, Any] = {"eval": metrics}
+    if quiz is not None:
+        quiz_metrics = trainer.evaluate(eval_dataset=quiz, metric_key_prefix="quiz")
+        quiz_metrics["quiz_samples"] = len(quiz)
+        trainer.save_metrics("quiz", quiz_metrics)
+        out["quiz"] = quiz_metrics
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the script; returns what it wrote: ``eval``, ``teacher_eval``, ``quiz``, ``train`` metrics, paths.
+
+    Mistakes in the command line or the files it names end it as a CLI error (``SystemExit(2)``).
+    """
+    model_args, data_args, training_args = parse_args(argv)
+    method, task = model_args.method, data_args.task_name
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    trainer_class, _ = trainer_classes(method)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    student_source = model_args.model_name_or_path or model_args.teacher_model_name_or_path
+
+    with usage_errors(ValueError, OSError, RuntimeError):  # RuntimeError: GLUE from the Hub while offline
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name or student_source,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+        )
+        data = prepare_data(data_args, model_args, training_args, tokenizer)
+    collator = collator_for(tokenizer, data_args, training_args)
+    if data["quiz"] is not None:
+        print(f"Held out {len(data['quiz'])} quiz rows; training on {len(data['train'])} rows.", flush=True)
+
+    with usage_errors():
+        teacher, teacher_info = prepare_teacher(
+            model_args, data_args, training_args, data, tokenizer, collator
+        )
+    results: dict[str, Any] = {"output_dir": str(output_dir), "teacher_eval": teacher_info.get("eval", {})}
+    if teacher is not None and teacher_info.get("eval"):
+        (output_dir / "teacher_eval_results.json").write_text(
+            json.dumps(teacher_info["eval"], indent=2) + "\n"
+        )
+
+    with usage_errors():
+        trainer = build_trainer(
+            trainer_class, model_args, data_args, training_args, data, tokenizer, collator, teacher
+        )
+
+    if training_args.do_train:
+        print(f"Training the student with {method} on {len(trainer.train_dataset)} rows", flush=True)
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results["train"] = train_result.metrics
+    if training_args.do_eval:
+        results.update(evaluate_student(trainer, data["eval"], data["quiz"]))
+    if training_args.do_train:  # after the evaluation, so that the model card carries its results
+        if method == "kd" and teacher_info.get("eval"):  # the frozen teacher's scores, for the card
+            trainer.log({k.replace("eval_", "eval_teacher_", 1): v for k, v in teacher_info["eval"].items()})
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**card_arguments(task, data_args))  # also leaves the student in output_dir
+        else:
+            trainer.save_model()
+            trainer.create_model_card(**card_arguments(task, data_args))
+        if method == "lgtm":
+            log_path = output_dir / "influence.jsonl"
+            results["figures"] = (
+                write_influence_figures(log_path, training_args.seed) if log_path.is_file() else []
+            )
+
+    if training_args.do_predict:
+        written = []
+        for split, dataset in data["test"].items():
+            output = trainer.predict(dataset.remove_columns("label"), metric_key_prefix="predict")
+            path = output_dir / GLUE_SUBMISSION_FILES[metric_task(task, split)]
+            if trainer.is_world_process_zero():
+                write_glue_predictions(path, task, predictions_from_logits(task, output.predictions))
+            written.append(str(path))
+        results["predictions"] = written
+
+    baseline = majority_baseline(task, data["eval"]) if data["eval"] else None
+    print_summary(task, method, summary_rows(method, teacher_info, model_args, trainer, results, baseline))
     print(f"Outputs in {output_dir.resolve()}")
     return results
+
+
+def build_trainer(
+    trainer_class: type[Trainer],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    data: dict[str, Any],
+    tokenizer: Any,
+    collator: Any,
+    teacher: nn.Module | None,
+) -> Trainer:
+    """The student and its trainer for ``--method``."""
+    method, task = model_args.method, data_args.task_name
+    set_seed(training_args.seed)
+    student_source = model_args.model_name_or_path or model_args.teacher_model_name_or_path
+    student = load_classifier(student_source, task, model_args, model_args.student_num_layers)
+    if model_args.init_classifier_to_zero:
+        zero_classifier(student)
+        if teacher is not None and method in LEARNING_TEACHER:
+            zero_classifier(teacher)
+        elif teacher is not None:
+            logger.warning(
+                "--init_classifier_to_zero: the frozen %s teacher keeps its head (it does not learn).", method
+            )
+    eval_sets = data["eval"]
+    first_eval = next(iter(eval_sets), None)
+    metrics_task = metric_task(task, first_eval or "validation")
+    kwargs: dict[str, Any] = dict(
+        model=student,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=eval_sets.get(first_eval),
+        processing_class=tokenizer,
+        data_collator=collator,
+        # hf_distill's trainers warn when the student predicts one class everywhere; Trainer needs help.
+        compute_metrics=checked_metrics(metrics_task, "The student")
+        if method == "finetune"
+        else glue_compute_metrics(metrics_task),
+        callbacks=[InfluenceLoggerCallback()] if method == "lgtm" else [],
+    )
+    if method != "finetune":
+        kwargs["teacher_model"] = teacher
+    if method in QUIZ_METHODS and data["quiz"] is not None:
+        kwargs["quiz_dataset"] = data["quiz"]
+    return trainer_class(**kwargs)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def own_teacher_cache(tmp_path, monkeypatch):
+    """Fine-tuned teachers go to the default cache, $HF_HOME/hf_distill/teachers: a fresh one per test."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
 def cli(*parts: str | Path) -> list[str]:
     """A command line: strings are split on spaces, paths are kept whole."""
     argv: list[str] = []
@@ -161,35 +167,54 @@ def test_every_method_end_to_end_on_mrpc_rows(method, checkpoints, mrpc_dir, tmp
 
     printed = capsys.readouterr().out
     assert f"Summary: {method} on mrpc" in printed and f"student ({method})" in printed
+    assert "majority class (baseline)" in printed
+    assert ("teacher after" in printed) == (method in ("online", "meta", "lgtm"))
+
+    if method != "finetune":  # the card was written after the evaluation, and carries it
+        card = (out / "README.md").read_text()
+        assert f"| f1 | {evaluation['eval_f1']:.4g} |" in card
+        assert "the local teacher checkpoint `teacher`" in card and "`local`" not in card
+        assert "The teacher was not evaluated" not in card  # a frozen teacher's scores are logged too
+    if method == "lgtm":
+        assert "## Influence weights" in card and "influence:" in card
 
 
-def test_teacher_is_fine_tuned_once_then_reused(checkpoints, mrpc_dir, tmp_path, capsys):
-    teacher_dir = tmp_path / "teacher"
+def test_teacher_is_fine_tuned_once_then_reused_from_the_cache(checkpoints, mrpc_dir, tmp_path, capsys):
     common = cli(
         "--method kd --task_name mrpc --data_dir",
         mrpc_dir,
         "--teacher_model_name_or_path",
         checkpoints["pretrained"],
-        "--teacher_finetune_epochs 1 --student_num_layers 1 --teacher_output_dir",
-        teacher_dir,
+        "--teacher_finetune_epochs 1 --student_num_layers 1",
     )
     first = example.main(common + FAST + cli("--output_dir", tmp_path / "a"))
-    record = json.loads((teacher_dir / "hf_distill_teacher.json").read_text())
+    (folder,) = (tmp_path / "hf_home" / "hf_distill" / "teachers").iterdir()
+    assert folder.name.startswith("mrpc-pretrained-")  # <task>-<teacher>-<hash of the settings>
+    record = json.loads((folder / "hf_distill_teacher.json").read_text())
     assert record["settings"]["epochs"] == 1.0 and "eval_f1" in record["eval"]
-    weights = teacher_dir / "model.safetensors"
+    weights = folder / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    assert "Fine-tuning the teacher" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Fine-tuning the teacher" in printed and f"Teacher cache: {folder}" in printed
 
+    # Another run, output folder and seed: the teacher is reused, not trained again.
     second = example.main(common + FAST + cli("--seed 7 --output_dir", tmp_path / "b"))
-    assert "Reusing the fine-tuned teacher" in capsys.readouterr().out
+    assert f"Teacher cache: reusing the teacher fine-tuned earlier, in {folder}" in capsys.readouterr().out
     assert weights.stat().st_mtime_ns == stamp
     assert second["teacher_eval"] == first["teacher_eval"]
     # The student was the pretrained encoder's first layer (the teacher's starting checkpoint).
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "b").config.num_hidden_layers == 1
 
-    # Other fine-tuning settings: fine-tuned again, not silently reused.
+    # Other fine-tuning settings: another teacher in its own folder, not a silent reuse.
     example.main(common + FAST + cli("--teacher_finetune_learning_rate 1e-3 --output_dir", tmp_path / "c"))
     assert "Fine-tuning the teacher" in capsys.readouterr().out
+    assert len(list((tmp_path / "hf_home" / "hf_distill" / "teachers").iterdir())) == 2
+
+    # --teacher_output_dir puts it in exactly that folder instead.
+    example.main(
+        common + FAST + cli("--teacher_output_dir", tmp_path / "mine", "--output_dir", tmp_path / "d")
+    )
+    assert (tmp_path / "mine" / "hf_distill_teacher.json").is_file()
 
 
 def test_config_file_json_and_yaml_with_command_line_override(checkpoints, mrpc_dir, tmp_path):
@@ -358,36 +383,107 @@ def test_push_to_hub_publishes_the_student(checkpoints, mrpc_dir, tmp_path, monk
 # ----- clear errors ------------------------------------------------------------------------------------------
 
 
-def test_bad_task_name_is_a_clear_error(checkpoints):
+def cli_error(capsys, argv: list[str], call=None) -> str:
+    """Run the script (or ``call``) on ``argv``; it must end as a CLI error. Returns the error message."""
+    with pytest.raises(SystemExit) as exit_info:
+        (call or example.main)(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: run_glue_lgtm.py" in err and "Traceback" not in err
+    return err.split("run_glue_lgtm.py: error: ", 1)[1]
+
+
+def test_bad_task_name_is_a_clear_error(checkpoints, capsys):
     student = str(checkpoints["teacher"])
-    with pytest.raises(ValueError, match=r"Unknown --task_name 'mrcp'; choose one of cola, sst2, mrpc"):
-        example.main(["--method", "finetune", "--task_name", "mrcp", "--model_name_or_path", student])
-    with pytest.raises(ValueError, match="--task_name is required"):
-        example.parse_args(["--method", "finetune", "--model_name_or_path", student])
-    with pytest.raises(ValueError, match="Unknown --method 'distil'"):
-        example.parse_args(["--method", "distil", "--task_name", "mrpc"])
-    with pytest.raises(ValueError, match="--method kd needs --teacher_model_name_or_path"):
-        example.parse_args(["--method", "kd", "--task_name", "mrpc", "--model_name_or_path", student])
+    message = cli_error(
+        capsys, ["--method", "finetune", "--task_name", "mrcp", "--model_name_or_path", student]
+    )
+    assert message.startswith("Unknown --task_name 'mrcp'; choose one of cola, sst2, mrpc")
+    missing = cli_error(capsys, ["--method", "finetune", "--model_name_or_path", student], example.parse_args)
+    assert "--task_name" in missing and "required" in missing
+    assert "Unknown --method 'distil'" in cli_error(capsys, ["--method", "distil", "--task_name", "mrpc"])
+    argv = ["--method", "kd", "--task_name", "mrpc", "--model_name_or_path", student]
+    assert "--method kd needs --teacher_model_name_or_path" in cli_error(capsys, argv, example.parse_args)
 
 
-def test_missing_column_names_the_column_and_the_file(checkpoints, tmp_path):
+def test_missing_column_names_the_column_and_the_file(checkpoints, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "train.jsonl", [{"sentence1": "w5 w6", "label": 1}] * 4)
     argv = cli("--method finetune --task_name mrpc --do_train --train_file", bad, "--output_dir", tmp_path)
-    with pytest.raises(ValueError, match=r"train\.jsonl\) lacks the column\(s\) \['sentence2'\]"):
-        example.main(argv + cli("--model_name_or_path", checkpoints["teacher"]))
+    message = cli_error(capsys, argv + cli("--model_name_or_path", checkpoints["teacher"]))
+    assert "train.jsonl) lacks the column(s) ['sentence2']" in message
 
 
-def test_kd_refuses_a_teacher_that_is_not_fine_tuned(checkpoints, mrpc_dir, tmp_path):
+def test_missing_files_and_folders_are_cli_errors(checkpoints, tmp_path, capsys):
+    argv = cli("--method finetune --task_name sst2 --model_name_or_path", checkpoints["teacher"])
+    assert "is not a folder" in cli_error(capsys, argv + cli("--data_dir", tmp_path / "nowhere"))
+    assert "does not exist" in cli_error(capsys, argv + cli("--do_train --train_file", tmp_path / "no.jsonl"))
+    assert str(tmp_path / "nowhere") in cli_error(
+        capsys, cli("--method finetune --task_name sst2 --model_name_or_path", tmp_path / "nowhere")
+    )
+
+
+def test_missing_validation_split_mentions_do_eval_only_when_given(checkpoints, tmp_path, capsys):
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"sentence": "w5", "label": 0}] * 4)
+    argv = cli("--method finetune --task_name sst2 --data_dir", tmp_path / "data", "--output_dir", tmp_path)
+    argv += cli("--model_name_or_path", checkpoints["teacher"])
+    implicit = cli_error(capsys, argv)
+    assert "no validation split" in implicit and "--do_eval" not in implicit.split("without")[0]
+    assert "pass --do_train to train without evaluating" in implicit
+    assert cli_error(capsys, argv + ["--do_eval"]).startswith("--do_eval needs a validation split")
+
+
+def test_kd_refuses_a_teacher_that_is_not_fine_tuned(checkpoints, mrpc_dir, tmp_path, capsys):
     argv = cli("--method kd --task_name mrpc --data_dir", mrpc_dir, "--output_dir", tmp_path)
-    with pytest.raises(ValueError, match="has no classification head.*--teacher_finetune_epochs"):
-        example.main(argv + cli("--teacher_model_name_or_path", checkpoints["pretrained"]) + FAST)
+    message = cli_error(capsys, argv + cli("--teacher_model_name_or_path", checkpoints["pretrained"]) + FAST)
+    assert "has no classification head" in message and "--teacher_finetune_epochs" in message
 
 
-def test_do_predict_without_a_test_split_is_a_clear_error(checkpoints, tmp_path):
+def test_do_predict_without_a_test_split_is_a_clear_error(checkpoints, tmp_path, capsys):
     write_jsonl(tmp_path / "data" / "train.jsonl", [{"sentence": "w5", "label": 0}] * 4)
     argv = cli("--method finetune --task_name sst2 --do_predict --data_dir", tmp_path / "data")
-    with pytest.raises(ValueError, match="--do_predict needs a test split"):
-        example.main(argv + cli("--model_name_or_path", checkpoints["teacher"], "--output_dir", tmp_path))
+    argv += cli("--model_name_or_path", checkpoints["teacher"], "--output_dir", tmp_path)
+    assert cli_error(capsys, argv).startswith("--do_predict needs a test split")
+
+
+def test_help_describes_the_script_then_one_method(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(["--help"])
+    overview = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(f"  {method} " in overview for method in example.METHODS)
+    assert "--alpha" not in overview and len(overview.splitlines()) < 30
+
+    with pytest.raises(SystemExit):
+        example.parse_args(["--method", "kd", "--help"])
+    kd = capsys.readouterr().out
+    assert "--alpha" in kd and "--temperature" in kd and "--output_dir" in kd
+    assert "--influence_mode" not in kd and "--teacher_learning_rate" not in kd  # LGTM's, online's
+    assert "--adam_beta1" not in kd  # a TrainingArguments option for --help_all
+    task_line = kd[kd.index("--task_name") : kd.index("--dataset_name")]
+    assert "default" not in task_line  # required: no "(default: None)"
+    with pytest.raises(SystemExit):
+        example.parse_args(["--method", "lgtm", "--help"])
+    assert "--influence_mode" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        example.parse_args(["--method", "kd", "--help_all"])
+    assert "--adam_beta1" in capsys.readouterr().out
+
+
+def test_teacher_that_predicts_one_class_is_flagged(checkpoints, mrpc_dir, tmp_path, caplog):
+    teacher = tiny_classifier(layers=2, seed=1)
+    with torch.no_grad():  # whatever the input, class 1
+        teacher.classifier.weight.zero_()
+        teacher.classifier.bias.copy_(torch.tensor([0.0, 5.0]))
+    teacher.save_pretrained(tmp_path / "one-class")
+    tiny_tokenizer(tmp_path / "vocab").save_pretrained(tmp_path / "one-class")
+    argv = cli(
+        "--method kd --task_name mrpc --do_eval --data_dir", mrpc_dir, "--output_dir", tmp_path / "out"
+    )
+    with caplog.at_level("WARNING"):
+        result = example.main(argv + cli("--teacher_model_name_or_path", tmp_path / "one-class") + FAST)
+    share = result["teacher_eval"]["eval_accuracy"]
+    assert "The teacher (validation) predicted class 1 on all 24 evaluation rows" in caplog.text
+    assert f"(accuracy {share:.4f}; always predicting the majority class scores" in caplog.text
 
 
 # ----- hf_distill.glue ---------------------------------------------------------------------------------------
@@ -477,6 +573,8 @@ def test_real_minilm_teacher_fine_tuned_then_lgtm(mrpc_dir, tmp_path):
             "--teacher_model_name_or_path",
             Path(minilm.get_model_path()),
             "--teacher_finetune_epochs 0.25 --student_num_layers 3 --alpha 1.0 --temperature 1.0",
+            "--teacher_cache_dir",
+            tmp_path / "teachers",
             "--max_seq_length 32 --max_eval_samples 16 --per_device_train_batch_size 8 --max_steps 2",
             "--save_strategy no --report_to none --disable_tqdm true --use_cpu true --logging_steps 1",
             "--output_dir",

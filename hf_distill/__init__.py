@@ -1,68 +1,66 @@
-"""hf_distill: knowledge distillation as drop-in `transformers.Trainer` subclasses."""
+"""hf_distill: knowledge distillation as drop-in `transformers.Trainer` subclasses.
 
-from .callbacks import InfluenceLoggerCallback
-from .data import DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
-from .distillation import DistillationTrainer, DistillationTrainingArguments
-from .lgtm import LGTMTrainer, LGTMTrainingArguments
-from .meta import MetaDistillTrainer, MetaDistillTrainingArguments
-from .metrics import GLUE_TASKS, glue_compute_metrics, glue_metrics, is_regression_task
-from .objectives import (
-    DISTILL_LOSSES,
-    dist_loss,
-    distillation_loss,
-    ensemble_teacher_logits,
-    generalized_jsd,
-    kl_divergence,
-    logit_mse,
-    reverse_kl_divergence,
-)
-from .online import OnlineDistillTrainer, OnlineDistillTrainingArguments
-from .quiz import QuizDistillTrainer, QuizDistillTrainingArguments, split_quiz
-from .representation import (
-    MemoryBank,
-    RepresentationHeads,
-    attention_loss,
-    hidden_state_loss,
-    info_nce_loss,
-    layer_map,
-    pool,
-)
+Public names are imported on first use (``from hf_distill import DistillationTrainer`` works as
+usual): ``import hf_distill`` alone, and the ``hf-distill-plot-influence`` command, do not load torch and
+transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MemoryBank",
-    "RepresentationHeads",
-    "attention_loss",
-    "hidden_state_loss",
-    "info_nce_loss",
-    "layer_map",
-    "pool",
-    "DISTILL_LOSSES",
-    "GLUE_TASKS",
-    "InfluenceLoggerCallback",
-    "DistillationDataCollator",
-    "DistillationTrainer",
-    "DistillationTrainingArguments",
-    "add_teacher_inputs",
-    "cache_teacher_logits",
-    "dist_loss",
-    "distillation_loss",
-    "ensemble_teacher_logits",
-    "generalized_jsd",
-    "glue_compute_metrics",
-    "glue_metrics",
-    "is_regression_task",
-    "kl_divergence",
-    "LGTMTrainer",
-    "MetaDistillTrainer",
-    "MetaDistillTrainingArguments",
-    "LGTMTrainingArguments",
-    "QuizDistillTrainer",
-    "QuizDistillTrainingArguments",
-    "split_quiz",
-    "OnlineDistillTrainer",
-    "OnlineDistillTrainingArguments",
-    "logit_mse",
-    "reverse_kl_divergence",
-]
+# Public name -> the module of the package that defines it.
+_EXPORTS: dict[str, str] = {
+    "InfluenceLoggerCallback": "callbacks",
+    "DistillationDataCollator": "data",
+    "add_teacher_inputs": "data",
+    "cache_teacher_logits": "data",
+    "DistillationTrainer": "distillation",
+    "DistillationTrainingArguments": "distillation",
+    "LGTMTrainer": "lgtm",
+    "LGTMTrainingArguments": "lgtm",
+    "MetaDistillTrainer": "meta",
+    "MetaDistillTrainingArguments": "meta",
+    "GLUE_TASKS": "metrics",
+    "glue_compute_metrics": "metrics",
+    "glue_metrics": "metrics",
+    "is_regression_task": "metrics",
+    "DISTILL_LOSSES": "objectives",
+    "dist_loss": "objectives",
+    "distillation_loss": "objectives",
+    "ensemble_teacher_logits": "objectives",
+    "generalized_jsd": "objectives",
+    "kl_divergence": "objectives",
+    "logit_mse": "objectives",
+    "reverse_kl_divergence": "objectives",
+    "OnlineDistillTrainer": "online",
+    "OnlineDistillTrainingArguments": "online",
+    "QuizDistillTrainer": "quiz",
+    "QuizDistillTrainingArguments": "quiz",
+    "split_quiz": "quiz",
+    "MemoryBank": "representation",
+    "RepresentationHeads": "representation",
+    "attention_loss": "representation",
+    "hidden_state_loss": "representation",
+    "info_nce_loss": "representation",
+    "layer_map": "representation",
+    "pool": "representation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

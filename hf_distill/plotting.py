@@ -309,13 +309,19 @@ def plot_mean_trend(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``hf-distill-plot-influence influence.jsonl --out_dir figs --samples 3 17 42 --num_random 64``."""
+    """``hf-distill-plot-influence influence.jsonl --output_dir figs --samples 3 17 42 --num_random 64``."""
     parser = argparse.ArgumentParser(
         prog="hf-distill-plot-influence",
         description="Plot the per-sample influence weights logged by InfluenceLoggerCallback.",
     )
     parser.add_argument("log", help="the influence JSONL file (default name: <output_dir>/influence.jsonl)")
-    parser.add_argument("--out_dir", default=None, help="folder for the PNGs (default: the log's folder)")
+    parser.add_argument(
+        "--output_dir",
+        "--out_dir",  # the name this option had first
+        dest="output_dir",
+        default=None,
+        help="folder for the PNGs (default: the log's folder); --out_dir is accepted too",
+    )
     parser.add_argument(
         "--samples",
         type=int,
@@ -335,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="gold-label probability above which a model counts as correct (default 0.5)",
     )
     args = parser.parse_args(argv)
-    out_dir = args.out_dir if args.out_dir is not None else os.path.dirname(os.path.abspath(args.log))
+    out_dir = args.output_dir if args.output_dir is not None else os.path.dirname(os.path.abspath(args.log))
     try:
         records = load_influence_log(args.log)
         samples = args.samples

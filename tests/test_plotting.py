@@ -8,6 +8,7 @@ import math
 import shutil
 import statistics
 import subprocess
+import sys
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -268,13 +269,17 @@ def test_cli_writes_both_figures(tmp_path, capsys):
     log = write_log(tmp_path / "run" / "influence.jsonl", records)
     out_dir = tmp_path / "figs"
     code = main(
-        [log, "--out_dir", str(out_dir), "--samples", "3", "17", "--num_random", "12", "--num_bins", "7"]
+        [log, "--output_dir", str(out_dir), "--samples", "3", "17", "--num_random", "12", "--num_bins", "7"]
     )
     assert code == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(out_dir / TRAJECTORIES_PNG), str(out_dir / MEAN_TREND_PNG)]
     assert_png(out_dir / TRAJECTORIES_PNG, 8.0, 5.0)
     assert_png(out_dir / MEAN_TREND_PNG, 8.0, 4.5)
+
+    # --out_dir, the option's first name, still works.
+    assert main([log, "--out_dir", str(tmp_path / "old"), "--num_random", "12"]) == 0
+    assert (tmp_path / "old" / MEAN_TREND_PNG).is_file()
 
     # Defaults: three random samples, the figures beside the log.
     assert main([log]) == 0
@@ -300,3 +305,14 @@ def test_console_script_is_installed():
     result = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: hf-distill-plot-influence" in result.stdout and "--num_random" in result.stdout
+
+
+def test_the_command_does_not_load_torch_or_transformers():
+    """The command (its --help included) imports the plotting module only: no torch, no transformers."""
+    code = (
+        "import sys, hf_distill.plotting, hf_distill;"
+        "heavy = sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules)); print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -18,6 +18,7 @@ from hf_distill.glue import (
     load_glue,
     load_split_file,
     normalize_glue_labels,
+    tokenize_glue,
     write_glue_predictions,
 )
 
@@ -514,6 +515,24 @@ def test_tsv_jsonl_and_csv_files_load_the_same_rows(tmp_path):
         dataset = load_glue("mrpc", data_dir=tmp_path / folder)["train"]
         assert [dict(r) for r in dataset.select_columns(["sentence1", "sentence2", "label", "idx"])] == rows
         assert dataset.features["label"].dtype == "int64"
+
+
+def test_tokenize_glue_encodes_sentence_pairs_of_every_split(tmp_path):
+    import datasets
+
+    tokenizer = tiny_tokenizer(tmp_path / "vocab")
+    rows = {"sentence1": ["w5 w6", "w7"], "sentence2": ["w8", "w9 w10"], "label": [1, 0], "extra": ["a", "b"]}
+    raw = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}
+    )
+    data = tokenize_glue(raw, tokenizer, "mrpc", max_seq_length=32)
+    assert isinstance(data, datasets.DatasetDict) and set(data) == {"train", "validation"}
+    first = data["validation"][0]
+    assert "extra" not in data["train"].column_names and first["label"] == 1
+    assert tokenizer.decode(first["input_ids"]) == "[CLS] w5 w6 [SEP] w8 [SEP]"
+    assert first["token_type_ids"] == [0, 0, 0, 0, 1, 1]  # the second sentence is segment 1
+    single = tokenize_glue(raw["train"], tokenizer, "mrpc", max_seq_length=4)  # a Dataset; truncated
+    assert [len(ids) for ids in single["input_ids"]] == [4, 4]
 
 
 def test_split_files_labels_and_predictions(tmp_path):

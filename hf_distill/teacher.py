@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,15 @@ def create_teacher_optimizer(
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mean of each tensor over all processes (one flat all-reduce); unchanged outside a process group."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -314,13 +324,20 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     ]
 
 
+def zeros_for_missing(
+    grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``grads`` with each ``None`` (a parameter the loss does not reach) replaced by zeros of its shape."""
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
 def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
     """Mean of each gradient over all ranks.
 
     The teacher is not wrapped in DDP (its gradients may come from torch.autograd.grad, which bypasses
     DDP's reducer), so its gradients are averaged explicitly.
     """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    grads = zeros_for_missing([p.grad for p in parameters], parameters)
     for p, g in zip(parameters, all_reduce_mean(grads), strict=True):
         p.grad = g
 

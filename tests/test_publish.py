@@ -29,8 +29,8 @@ from hf_distill import (
     OnlineDistillTrainingArguments,
     glue_compute_metrics,
 )
-from hf_distill.distillation import HUB_STAGING_DIR
 from hf_distill.model_card import TeacherInfo
+from hf_distill.publishing import HUB_STAGING_DIR
 from hf_distill.teacher import load_teacher
 
 STUDENT_FILES = {
@@ -97,9 +97,9 @@ ARGS = {
     "lgtm": LGTMTrainingArguments,
 }
 TRAINERS = {"kd": DistillationTrainer, "online": OnlineDistillTrainer, "lgtm": LGTMTrainer}
-if importlib.util.find_spec("hf_distill.meta") is not None:
+if importlib.util.find_spec("hf_distill.meta_trainer") is not None:
     try:
-        from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments
+        from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments
 
         ARGS["meta"], TRAINERS["meta"] = MetaDistillTrainingArguments, MetaDistillTrainer
     except ImportError:  # the meta trainer is not ready in this checkout
@@ -237,7 +237,7 @@ def test_card_names_the_teacher_given_as_a_hub_id(tmp_path, tokenizer, hub):
 
 
 def test_teacher_given_as_a_path_and_revision(tmp_path, tokenizer, hub):
-    from hf_distill.distillation import _teacher_source
+    from hf_distill.publishing import teacher_source as _teacher_source
 
     folder = tmp_path / "teacher"
     tiny_classifier(2, seed=1).save_pretrained(folder)
@@ -322,11 +322,16 @@ def test_teacher_loading_never_turns_on_remote_code(tmp_path, monkeypatch):
 
     def fake_from_pretrained(name, **kwargs):
         calls.append(kwargs)
-        return tiny_classifier(2, seed=1)
+        model = tiny_classifier(2, seed=1)
+        return (
+            (model, {"missing_keys": set(), "mismatched_keys": set()})
+            if kwargs["output_loading_info"]
+            else model
+        )
 
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", fake_from_pretrained)
     load_teacher("org/teacher", tiny_classifier(1), {"revision": "v1"})
-    assert calls[-1] == {"revision": "v1", "use_safetensors": True}
+    assert calls[-1] == {"revision": "v1", "use_safetensors": True, "output_loading_info": True}
     load_teacher("org/teacher", tiny_classifier(1), {"trust_remote_code": True})  # only when asked
     assert calls[-1]["trust_remote_code"] is True
 

@@ -505,10 +505,6 @@ def zero_classifier(model: nn.Module) -> None:
             linears[-1].bias.zero_()
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ----- data --------------------------------------------------------------------------------------------------
 
 
@@ -818,7 +814,7 @@ def prepare_teacher(
             evaluate_model(teacher, data["eval"], task, training_args, collator) if data["eval"] else {}
         )
     info["layers"] = getattr(teacher.config, "num_hidden_layers", None)
-    info["params"] = count_parameters(teacher)
+    info["params"] = teacher.num_parameters()
     return teacher, info
 
 
@@ -921,7 +917,7 @@ def summary_rows(
         {
             "name": f"student ({method})",
             "layers": getattr(trainer.model.config, "num_hidden_layers", None),
-            "params": count_parameters(trainer.model),
+            "params": trainer.model.num_parameters(),
             "metrics": results.get("eval"),
             "seconds": (results.get("train") or {}).get("train_runtime"),
         }

@@ -28,7 +28,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 logger = logging.getLogger(__name__)
 
-RECORD_FIELDS = ("step", "idx", "influence", "teacher_gold_prob", "student_gold_prob")
 TENSORBOARD_TAG = "influence/weights"
 DEFAULT_FILE_NAME = "influence.jsonl"
 

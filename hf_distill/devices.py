@@ -9,11 +9,7 @@ import torch
 
 def accelerator_available() -> bool:
     """Whether torch sees an accelerator (CUDA, ROCm, MPS, XPU, ...) that pinned memory would serve."""
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    if accelerator is not None:
-        return bool(accelerator.is_available())
-    mps = getattr(torch.backends, "mps", None)
-    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
+    return bool(torch.accelerator.is_available())  # what torch's DataLoader asks before pinning
 
 
 def no_pin_memory_without_accelerator(args: Any) -> Any:

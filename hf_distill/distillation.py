@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 from collections import defaultdict
@@ -70,6 +69,7 @@ from .teacher import (
     task_type,
     unwrap_model,
 )
+from .validation import check_finite
 
 try:  # the HfApi that transformers' own Hub calls use (tagged with the library's name)
     from transformers.utils.hub import hf_api
@@ -209,26 +209,25 @@ class DistillationTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         # Checked before TrainingArguments' own set-up so that a typo fails fast.
         self._check_representation_arguments()
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0, got {self.temperature}; 1.0 leaves the logits unchanged."
-            )
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(
-                f"alpha must be in [0, 1], got {self.alpha}: it weights the distillation term and 1 - alpha the "
-                "task loss."
-            )
+        check_finite(
+            "temperature", self.temperature, 0, low_open=True, hint="1.0 leaves the logits unchanged."
+        )
+        check_finite(
+            "alpha", self.alpha, 0, 1, hint="It weights the distillation term and 1 - alpha the task loss."
+        )
         if self.distill_loss not in DISTILL_LOSSES:
             raise ValueError(
                 f"distill_loss={self.distill_loss!r} is unknown; choose one of {DISTILL_LOSSES}."
             )
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.jsd_beta}.")
-        if self.dist_intra_weight < 0:
-            raise ValueError(f"dist_intra_weight must be >= 0, got {self.dist_intra_weight}.")
+        check_finite("jsd_beta", self.jsd_beta, 0, 1, hint="0 is forward KL, 1 reverse KL.")
+        check_finite("dist_intra_weight", self.dist_intra_weight, 0)
+        check_finite("learning_rate", self.learning_rate, 0, hint="The student's, e.g. 5e-5.")
+        check_finite("max_grad_norm", self.max_grad_norm, 0, hint="0 disables the student's clipping.")
         if self.teacher_weights is not None:
-            if len(self.teacher_weights) == 0 or any(w < 0 for w in self.teacher_weights):
-                raise ValueError(f"teacher_weights must be non-negative numbers, got {self.teacher_weights}.")
+            if len(self.teacher_weights) == 0:
+                raise ValueError("teacher_weights must hold one weight per teacher, got an empty list.")
+            for position, weight in enumerate(self.teacher_weights):
+                check_finite(f"teacher_weights[{position}]", weight, 0)
             if sum(self.teacher_weights) <= 0:
                 raise ValueError("teacher_weights must not all be zero.")
         if isinstance(self.teacher_model_init_kwargs, str):
@@ -240,11 +239,7 @@ class DistillationTrainingArguments(TrainingArguments):
 
     def _check_representation_arguments(self) -> None:
         for name in ("hidden_distill_weight", "attention_distill_weight", "crd_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(
-                    f"{name} must be a finite number >= 0 (0 turns the term off), got {value!r}."
-                )
+            check_finite(name, getattr(self, name), 0, hint="0 turns the term off.")
         self.hidden_layer_map = parse_layer_map(self.hidden_layer_map)
         for name, choices in (
             ("hidden_pooling", POOLINGS),
@@ -254,8 +249,7 @@ class DistillationTrainingArguments(TrainingArguments):
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {choices}.")
-        if not self.crd_temperature > 0:
-            raise ValueError(f"crd_temperature must be > 0, got {self.crd_temperature} (CRD uses 0.07).")
+        check_finite("crd_temperature", self.crd_temperature, 0, low_open=True, hint="CRD uses 0.07.")
         if isinstance(self.crd_dim, bool) or int(self.crd_dim) != self.crd_dim or self.crd_dim < 1:
             raise ValueError(f"crd_dim must be an integer >= 1 (e.g. 128), got {self.crd_dim!r}.")
         if (

@@ -39,6 +39,7 @@ from .influence import (
 from .objectives import distillation_loss, kl_divergence
 from .quiz import QuizDistillTrainer, QuizDistillTrainingArguments
 from .teacher import SEQUENCE_CLASSIFICATION, all_reduce_mean, trainable_parameters
+from .validation import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +109,10 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments):
             raise ValueError(
                 f"lgtm_student_targets={self.lgtm_student_targets!r} is unknown; choose one of {STUDENT_TARGETS}."
             )
-        if not self.fd_radius > 0:
-            raise ValueError(f"fd_radius must be > 0, got {self.fd_radius} (the reference uses 0.01).")
-        if self.influence_scale is not None and self.influence_scale < 0:
-            raise ValueError(
-                f"influence_scale must be >= 0 (or None for the teacher's learning rate), got {self.influence_scale}."
+        check_finite("fd_radius", self.fd_radius, 0, low_open=True, hint="The reference uses 0.01.")
+        if self.influence_scale is not None:
+            check_finite(
+                "influence_scale", self.influence_scale, 0, hint="Or None for the teacher's learning rate."
             )
         if (
             self.influence_loss == "student_kl"

@@ -42,6 +42,7 @@ from .teacher import (
     save_teacher_state,
     trainable_parameters,
 )
+from .validation import check_finite
 
 # The folder, inside output_dir, from which `push_teacher_to_hub` uploads the teacher.
 HUB_TEACHER_STAGING_DIR = "_hub_teacher"
@@ -89,24 +90,23 @@ class OnlineDistillTrainingArguments(DistillationTrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if not self.teacher_learning_rate > 0:
-            raise ValueError(
-                f"teacher_learning_rate must be > 0, got {self.teacher_learning_rate}; for a frozen teacher use "
-                "DistillationTrainer."
-            )
-        if self.teacher_weight_decay < 0:
-            raise ValueError(f"teacher_weight_decay must be >= 0, got {self.teacher_weight_decay}.")
-        if not 0.0 <= self.teacher_warmup_ratio < 1.0:
-            raise ValueError(f"teacher_warmup_ratio must be in [0, 1), got {self.teacher_warmup_ratio}.")
-        if self.teacher_max_grad_norm < 0:
-            raise ValueError(
-                f"teacher_max_grad_norm must be >= 0 (0 disables clipping), got {self.teacher_max_grad_norm}."
-            )
-        if not 0.0 <= self.teacher_alpha <= 1.0:
-            raise ValueError(
-                f"teacher_alpha must be in [0, 1], got {self.teacher_alpha}: it weights the teacher's KL to the "
-                "student and 1 - teacher_alpha its task loss."
-            )
+        check_finite(
+            "teacher_learning_rate",
+            self.teacher_learning_rate,
+            0,
+            low_open=True,
+            hint="For a frozen teacher use DistillationTrainer.",
+        )
+        check_finite("teacher_weight_decay", self.teacher_weight_decay, 0)
+        check_finite("teacher_warmup_ratio", self.teacher_warmup_ratio, 0, 1, high_open=True)
+        check_finite("teacher_max_grad_norm", self.teacher_max_grad_norm, 0, hint="0 disables clipping.")
+        check_finite(
+            "teacher_alpha",
+            self.teacher_alpha,
+            0,
+            1,
+            hint="It weights the teacher's KL to the student and 1 - teacher_alpha its task loss.",
+        )
         try:
             self.teacher_lr_scheduler_type = SchedulerType(self.teacher_lr_scheduler_type).value
         except ValueError as err:

@@ -39,6 +39,7 @@ from .model_card import (
     summarize_influence,
 )
 from .objectives import DISTILL_LOSSES, distillation_loss, ensemble_teacher_logits, logit_mse, token_mask
+from .redaction import RedactedSecretsMixin
 from .representation import (
     ATTENTION_LOSSES,
     CRD_POOLINGS,
@@ -94,8 +95,13 @@ _PIPELINE_TAGS = {
 
 
 @dataclass
-class DistillationTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the distillation objective (shared/ALGORITHMS.md §1)."""
+class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
+    """`TrainingArguments` plus the distillation objective (shared/ALGORITHMS.md §1).
+
+    Credentials in any argument (``hub_token``, a ``token`` in ``teacher_model_init_kwargs``) stay usable in
+    memory but are replaced by ``"<redacted>"`` in what is saved or printed (``training_args.bin``,
+    ``to_dict``, ``to_json_string``, ``str``).
+    """
 
     temperature: float = field(
         default=2.0, metadata={"help": "Softmax temperature τ of the distillation term (> 0)."}

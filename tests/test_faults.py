@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from pathlib import Path
 
 import pytest
-from conftest import tiny_run_args
+import torch
+from conftest import keyword_dataset, tiny_classifier, tiny_run_args
+from transformers import BertForSequenceClassification
 
 from hf_distill import (
+    DistillationTrainer,
     DistillationTrainingArguments,
     LGTMTrainingArguments,
     MetaDistillTrainingArguments,
     OnlineDistillTrainingArguments,
 )
+from hf_distill.model_card import usage_lines
 
 # ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
 
@@ -51,3 +57,69 @@ def test_non_finite_arguments_are_refused_with_their_range(tmp_path, args_class,
 def test_teacher_weights_must_be_finite(tmp_path):
     with pytest.raises(ValueError, match=r"teacher_weights\[1\] must be a finite number >= 0, got inf"):
         tiny_run_args(DistillationTrainingArguments, tmp_path, teacher_weights=[1.0, math.inf])
+
+
+# ----- what leaves the machine ---------------------------------------------------------------------------------
+
+SECRET = "hf_abcdefSECRET123"
+
+
+def _files_containing(folder: Path, needle: str) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def test_a_token_in_teacher_model_init_kwargs_is_in_no_saved_file(tmp_path, tokenizer):
+    args = tiny_run_args(
+        DistillationTrainingArguments,
+        tmp_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        teacher_model_init_kwargs={"token": SECRET},
+    )
+    trainer = DistillationTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=args,
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "training_args.bin").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "training_args.bin").is_file()
+    assert _files_containing(tmp_path, SECRET) == []
+    assert trainer.args.teacher_model_init_kwargs["token"] == SECRET
+
+
+def test_a_lora_students_card_loads_it_with_peft_on_the_named_base(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    tiny_classifier(1, seed=2).save_pretrained(base_dir)
+    base = BertForSequenceClassification.from_pretrained(base_dir)
+    student = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_classifier(2, seed=1),
+        args=tiny_run_args(DistillationTrainingArguments, tmp_path, max_steps=1),
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    adapter_dir = tmp_path / "adapter"
+    trainer.save_model(str(adapter_dir))
+    card = (adapter_dir / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in card and "standard `transformers` model" not in card
+    # The snippet, pointed at the local base and adapter folders, gives the trained student.
+    run = dataclasses.replace(
+        trainer._distillation_run(model_name="adapter"), base_model=str(base_dir), repo_id=str(adapter_dir)
+    )
+    code = "\n".join(usage_lines(run)).split("```python\n")[1].split("```")[0]
+    assert f'from_pretrained("{base_dir}")' in code
+    namespace: dict = {}
+    exec(code, namespace)
+    batch = tokenizer(["w7 w9 w11"], return_tensors="pt")
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"](**batch).logits, student(**batch).logits)

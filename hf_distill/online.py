@@ -89,6 +89,14 @@ class OnlineDistillTrainingArguments(DistillationTrainingArguments):
         },
     )
 
+    allow_partial_teacher_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint whose teacher folder lacks optimizer.pt or scheduler.pt (the teacher's "
+            "optimizer or schedule then start afresh, with a warning). Off: such a checkpoint is refused."
+        },
+    )
+
     def __post_init__(self) -> None:
         check_finite(
             "teacher_learning_rate",
@@ -301,7 +309,11 @@ class OnlineDistillTrainer(DistillationTrainer):
                     raise ValueError(
                         f"No checkpoint found in output_dir {self.args.output_dir} to resume from."
                     )
-            load_teacher_weights(resume_from_checkpoint, self.teacher_models[0])
+            load_teacher_weights(
+                resume_from_checkpoint,
+                self.teacher_models[0],
+                allow_partial=self.args.allow_partial_teacher_checkpoint,
+            )
             self._resume_checkpoint = str(resume_from_checkpoint)
         self.teacher_optimizer, self.teacher_lr_scheduler = None, None  # rebuilt for this run's length
         try:

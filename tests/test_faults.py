@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import keyword_dataset, tiny_classifier, tiny_run_args
+from conftest import TINY_RUN, keyword_dataset, tiny_classifier, tiny_run_args
 from transformers import BertForSequenceClassification
 
 from hf_distill import (
@@ -17,8 +19,10 @@ from hf_distill import (
     DistillationTrainingArguments,
     LGTMTrainingArguments,
     MetaDistillTrainingArguments,
+    OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
+from hf_distill.checksums import CheckpointIntegrityError
 from hf_distill.model_card import usage_lines
 
 # ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
@@ -123,3 +127,90 @@ def test_a_lora_students_card_loads_it_with_peft_on_the_named_base(tmp_path, tok
     student.eval()
     with torch.no_grad():
         torch.testing.assert_close(namespace["model"](**batch).logits, student(**batch).logits)
+
+
+# ----- checkpoints whose teacher state is missing or damaged ---------------------------------------------------
+
+
+def _online_trainer(output: Path, tokenizer, **overrides) -> OnlineDistillTrainer:
+    args = OnlineDistillTrainingArguments(
+        **{
+            **dict(TINY_RUN, output_dir=str(output), max_steps=4, teacher_warmup_ratio=0.5),
+            "save_strategy": "steps",
+            "save_steps": 2,
+            **overrides,
+        }
+    )
+    return OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=args,
+        train_dataset=keyword_dataset(32),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.fixture(scope="module")
+def online_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    output = tmp_path_factory.mktemp("online_run")
+    _online_trainer(output, tokenizer).train()
+    return output / "checkpoint-2"
+
+
+@pytest.fixture
+def checkpoint_copy(online_checkpoint, tmp_path) -> Path:
+    target = tmp_path / "checkpoint-2"
+    shutil.copytree(online_checkpoint, target)
+    return target
+
+
+def _resume(checkpoint: Path, tokenizer, **overrides) -> OnlineDistillTrainer:
+    trainer = _online_trainer(checkpoint.parent / "resumed", tokenizer, **overrides)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt"])
+def test_a_checkpoint_without_the_teachers_optimizer_or_schedule_is_refused(checkpoint_copy, tokenizer, name):
+    (checkpoint_copy / "teacher" / name).unlink()
+    with pytest.raises(
+        CheckpointIntegrityError, match=rf"has no {name}.*allow_partial_teacher_checkpoint=True"
+    ):
+        _resume(checkpoint_copy, tokenizer)
+
+
+def test_allow_partial_teacher_checkpoint_resumes_with_a_warning(checkpoint_copy, tokenizer, caplog):
+    (checkpoint_copy / "teacher" / "scheduler.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
+        trainer = _resume(checkpoint_copy, tokenizer, allow_partial_teacher_checkpoint=True)
+    assert "without the teacher's scheduler.pt" in caplog.text
+    assert trainer.state.global_step == 4
+
+
+def test_zeros_over_half_the_teachers_weights_are_refused(checkpoint_copy, tokenizer):
+    weights = checkpoint_copy / "teacher" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match=r"trainable\.safetensors does not match the SHA-256"):
+        _resume(checkpoint_copy, tokenizer)
+
+
+def test_a_truncated_teacher_file_gets_our_message_naming_it(checkpoint_copy, tokenizer):
+    weights = checkpoint_copy / "teacher" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(
+        CheckpointIntegrityError, match=r"trainable\.safetensors has 1000 bytes but was written"
+    ):
+        _resume(checkpoint_copy, tokenizer)
+    # A checkpoint from before manifests: the loader's failure is still reported with the file's name.
+    (checkpoint_copy / "teacher" / "manifest.json").unlink()
+    with pytest.raises(CheckpointIntegrityError, match=r"trainable\.safetensors cannot be read"):
+        _resume(checkpoint_copy, tokenizer)
+
+
+def test_a_checkpoint_from_before_manifests_resumes_with_a_warning(checkpoint_copy, tokenizer, caplog):
+    (checkpoint_copy / "teacher" / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
+        trainer = _resume(checkpoint_copy, tokenizer)
+    assert "cannot be verified" in caplog.text and trainer.state.global_step == 4

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from .data import (
     default_student_collator,
     split_batch,
 )
+from .label_checks import check_label_range, check_not_empty, find_label_column
 from .model_card import (
     LOCAL,
     DistillationRun,
@@ -421,6 +422,10 @@ class DistillationTrainer(Trainer):
             )
 
     def _check_labels(self, dataset: Any) -> None:
+        check_not_empty(dataset, "training set (train_dataset)", "Pass a dataset with rows.")
+        self._check_label_range(dataset, "training")
+        if isinstance(self.eval_dataset, Sized):
+            self._check_label_range(self.eval_dataset, "evaluation")
         columns = dataset_columns(dataset)
         if not columns or self.args.alpha == 1.0 or self._student_task not in (SEQUENCE_CLASSIFICATION, None):
             return  # language-model labels are often made by the collator: checked per batch instead
@@ -430,6 +435,15 @@ class DistillationTrainer(Trainer):
                 "gives the task loss a weight of 1 - alpha. Add a 'label' column, or set alpha=1.0 to distil "
                 "from the teacher alone."
             )
+
+    def _check_label_range(self, dataset: Any, description: str) -> None:
+        """Class labels outside [0, num_labels) fail at construction, with the value and row named."""
+        if self._student_task not in (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION) or self._is_regression():
+            return
+        num_labels = getattr(getattr(unwrap_model(self.model), "config", None), "num_labels", None)
+        column = find_label_column(dataset_columns(dataset), self.label_names)
+        if num_labels and column is not None:
+            check_label_range(dataset, column, num_labels, description)
 
     # ----- representation distillation (hidden states, attention maps, CRD) -----------------------------------
 

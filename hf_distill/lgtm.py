@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
-from .data import split_batch
+from .data import dataset_columns, split_batch
 from .influence import (
     adamw_lookahead,
     clip_coefficient,
@@ -36,7 +35,8 @@ from .influence import (
     perturbed,
     sgd_lookahead,
 )
-from .objectives import distillation_loss, kl_divergence
+from .label_checks import find_label_column
+from .objectives import distillation_loss, kl_divergence, labelled_cross_entropy
 from .quiz import QuizDistillTrainer, QuizDistillTrainingArguments
 from .teacher import SEQUENCE_CLASSIFICATION, all_reduce_mean, trainable_parameters
 from .validation import check_finite
@@ -151,6 +151,14 @@ class LGTMTrainer(QuizDistillTrainer):
             raise ValueError(
                 "LGTMTrainer supports single-label sequence classification (the paper's GLUE setting); for "
                 "regression or token-level tasks use OnlineDistillTrainer or DistillationTrainer."
+            )
+        columns = dataset_columns(self.train_dataset)
+        if columns and find_label_column(columns, self.label_names) is None:
+            raise ValueError(
+                "LGTMTrainer needs labels in train_dataset (looked for a 'label', 'labels' or 'label_ids' column): "
+                "the student's lookahead and the teacher's auxiliary loss include their cross-entropy, and the quiz "
+                "is carved from these rows. Add a 'label' column (or use OnlineDistillTrainer with alpha=1.0 and "
+                "teacher_alpha=1.0 to distil without labels)."
             )
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -295,7 +303,7 @@ class LGTMTrainer(QuizDistillTrainer):
                 quiz_logits = functional_call(
                     student, dict(zip(names, leaves, strict=True)), kwargs=quiz_inputs
                 ).logits
-                quiz_loss = F.cross_entropy(quiz_logits.float(), quiz_labels)
+                quiz_loss = labelled_cross_entropy(quiz_logits, quiz_labels)
                 direction = torch.autograd.grad(quiz_loss, leaves, allow_unused=True)
                 direction = all_reduce_mean(
                     [torch.zeros_like(p) if d is None else d for p, d in zip(leaves, direction, strict=True)]
@@ -394,9 +402,7 @@ class LGTMTrainer(QuizDistillTrainer):
     ) -> torch.Tensor:
         """The student's training loss (as `compute_loss`), from logits."""
         distill, _ = self.distillation_term(student_logits, teacher_logits, {"labels": labels})
-        task = F.cross_entropy(
-            student_logits.float(), labels, label_smoothing=self.args.label_smoothing_factor
-        )
+        task = labelled_cross_entropy(student_logits, labels, self.args.label_smoothing_factor)
         return self.args.alpha * distill + (1.0 - self.args.alpha) * task
 
     def _teacher_aux_loss(
@@ -407,7 +413,7 @@ class LGTMTrainer(QuizDistillTrainer):
         kl = kl_divergence(
             teacher_logits, student_logits, args.temperature, args.scale_by_temperature_squared
         )
-        ce = F.cross_entropy(teacher_logits.float(), labels)
+        ce = labelled_cross_entropy(teacher_logits, labels)
         self._record("teacher_kl", kl.detach())
         self._record("teacher_task_loss", ce.detach())
         return args.teacher_alpha * kl + (1.0 - args.teacher_alpha) * ce
@@ -479,5 +485,7 @@ class LGTMTrainer(QuizDistillTrainer):
 
 
 def _gold_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's probability of its gold label."""
-    return logits.detach().float().softmax(-1).gather(1, labels.view(-1, 1)).squeeze(1)
+    """Each row's probability of its gold label (NaN for a row labelled -100, which has none)."""
+    labelled = labels.ne(-100)
+    probs = logits.detach().float().softmax(-1).gather(1, labels.clamp_min(0).view(-1, 1)).squeeze(1)
+    return probs.masked_fill(~labelled, float("nan"))

@@ -249,3 +249,16 @@ def token_mask(
         mask = attention_mask.bool()
         return mask[:, 1:] if shift else mask
     return None
+
+
+def labelled_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy over the rows whose label is not -100 (as `Trainer`'s losses), in float32.
+
+    Unlike ``F.cross_entropy``'s mean, a batch whose every label is -100 gives 0 (graph kept), not NaN.
+    """
+    summed = torch.nn.functional.cross_entropy(
+        logits.float(), labels, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing
+    )
+    return summed / labels.ne(-100).sum().clamp_min(1)

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import TINY_RUN, keyword_dataset, tiny_classifier, tiny_run_args
@@ -17,13 +18,16 @@ from transformers import BertForSequenceClassification
 from hf_distill import (
     DistillationTrainer,
     DistillationTrainingArguments,
+    LGTMTrainer,
     LGTMTrainingArguments,
+    MetaDistillTrainer,
     MetaDistillTrainingArguments,
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
 from hf_distill.checksums import CheckpointIntegrityError
 from hf_distill.model_card import usage_lines
+from hf_distill.quiz import split_quiz
 
 # ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
 
@@ -214,3 +218,130 @@ def test_a_checkpoint_from_before_manifests_resumes_with_a_warning(checkpoint_co
     with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
         trainer = _resume(checkpoint_copy, tokenizer)
     assert "cannot be verified" in caplog.text and trainer.state.global_step == 4
+
+
+# ----- data the quiz-driven trainers choke on ------------------------------------------------------------------
+
+
+def _quiz_trainer(trainer_class, tmp_path, tokenizer, train_dataset, **kwargs):
+    args_class = LGTMTrainingArguments if trainer_class is LGTMTrainer else MetaDistillTrainingArguments
+    args = tiny_run_args(args_class, tmp_path, quiz_split=0.25, **kwargs.pop("args", {}))
+    return trainer_class(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
+def _with_labels(dataset: datasets.Dataset, labels: list[int]) -> datasets.Dataset:
+    return dataset.remove_columns("label").add_column("label", labels)
+
+
+def test_lgtm_ignores_rows_labelled_minus_100(tmp_path, tokenizer):
+    data = keyword_dataset(48)
+    labels = [-100 if i % 5 == 0 else label for i, label in enumerate(data["label"])]
+    trainer = _quiz_trainer(
+        LGTMTrainer,
+        tmp_path,
+        tokenizer,
+        _with_labels(data, labels),
+        args={"max_steps": 3, "max_grad_norm": 0},
+    )
+    assert -100 not in trainer.quiz_dataset["label"]  # quiz rows without a label teach nothing: left out
+    trainer.train()
+    record = trainer.latest_influence
+    ignored = torch.tensor([labels[i] == -100 for i in record["idx"].tolist()])
+    assert ignored.any()
+    assert torch.isnan(record["student_gold_prob"][ignored]).all()
+    assert torch.isfinite(record["student_gold_prob"][~ignored]).all()
+    assert torch.isfinite(record["influence"]).all()
+    for p in trainer.teacher_model.parameters():
+        assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("trainer_class", [LGTMTrainer, MetaDistillTrainer])
+def test_quiz_trainers_without_labels_are_refused_when_built(tmp_path, tokenizer, trainer_class):
+    unlabelled = keyword_dataset(32).remove_columns("label")
+    with pytest.raises(
+        ValueError, match=r"quiz data has no label column.*give quiz_dataset .*'label' column"
+    ):
+        _quiz_trainer(
+            trainer_class, tmp_path, tokenizer, unlabelled, args={"alpha": 1.0, "teacher_alpha": 1.0}
+        )
+    with pytest.raises(ValueError, match=r"quiz data has no label column"):
+        _quiz_trainer(trainer_class, tmp_path, tokenizer, keyword_dataset(32), quiz_dataset=unlabelled)
+
+
+def test_lgtm_with_a_labelled_quiz_but_unlabelled_training_data_is_refused(tmp_path, tokenizer):
+    unlabelled = keyword_dataset(32).remove_columns("label")
+    with pytest.raises(ValueError, match=r"LGTMTrainer needs labels in train_dataset"):
+        _quiz_trainer(
+            LGTMTrainer,
+            tmp_path,
+            tokenizer,
+            unlabelled,
+            quiz_dataset=keyword_dataset(8),
+            args={"alpha": 1.0, "teacher_alpha": 1.0},
+        )
+
+
+@pytest.mark.parametrize("trainer_class", [LGTMTrainer, MetaDistillTrainer])
+def test_empty_training_or_quiz_sets_are_refused_when_built(tmp_path, tokenizer, trainer_class):
+    empty = keyword_dataset(4).select([])
+    with pytest.raises(ValueError, match=r"The training set \(train_dataset\) is empty"):
+        _quiz_trainer(trainer_class, tmp_path, tokenizer, empty)
+    with pytest.raises(ValueError, match=r"The quiz set \(quiz_dataset\) is empty"):
+        _quiz_trainer(trainer_class, tmp_path, tokenizer, keyword_dataset(16), quiz_dataset=empty)
+
+
+def test_an_empty_training_set_is_refused_by_every_trainer(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"The training set \(train_dataset\) is empty"):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(DistillationTrainingArguments, tmp_path),
+            train_dataset=keyword_dataset(4).select([]),
+        )
+
+
+@pytest.mark.parametrize("column", ["label", "labels"])
+def test_labels_outside_the_classes_are_named_when_built(tmp_path, tokenizer, column):
+    data = keyword_dataset(40)
+    labels = list(data["label"])
+    labels[17] = 2
+    data = data.remove_columns("label").add_column(column, labels)
+    with pytest.raises(ValueError, match=rf"'{column}' column holds 2 at row 17 .*outside \[0, 2\)"):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(DistillationTrainingArguments, tmp_path),
+            train_dataset=data,
+        )
+    with pytest.raises(ValueError, match=r"evaluation data's 'label' column holds -3 at row 0"):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(DistillationTrainingArguments, tmp_path),
+            train_dataset=keyword_dataset(8),
+            eval_dataset=_with_labels(keyword_dataset(4), [-3, 0, 1, 0]),
+        )
+
+
+def test_quiz_split_stratifies_the_trainers_label_column(tmp_path, tokenizer):
+    # 40 rows, a class of 3: every seed must give it a quiz row, whichever column holds the labels.
+    labels = [2 if i < 3 else i % 2 for i in range(40)]
+    data = keyword_dataset(40).remove_columns("label").add_column("labels", labels)
+    for seed in range(10):
+        _, quiz = split_quiz(data, 0.1, label_column="labels", seed=seed)
+        assert 2 in quiz["labels"], seed
+    trainer = LGTMTrainer(
+        model=tiny_classifier(1, seed=2, num_labels=3),
+        teacher_model=tiny_classifier(2, seed=1, num_labels=3),
+        args=tiny_run_args(LGTMTrainingArguments, tmp_path, quiz_split=0.1),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    assert 2 in trainer.quiz_dataset["labels"]

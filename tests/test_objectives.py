@@ -686,3 +686,15 @@ def test_token_mask_falls_back_to_attention_mask():
 def test_token_mask_none_without_labels_or_attention():
     assert token_mask(None, None, shift=False) is None
     assert token_mask(None, None, shift=True) is None
+
+
+def test_labelled_cross_entropy_ignores_minus_100_and_never_divides_by_zero():
+    from hf_distill.objectives import labelled_cross_entropy
+
+    logits = torch.randn(5, 3, requires_grad=True)
+    labels = torch.tensor([0, -100, 2, 1, -100])
+    kept = labels != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], labels[kept])
+    torch.testing.assert_close(labelled_cross_entropy(logits, labels), expected)
+    none = labelled_cross_entropy(logits, torch.full((5,), -100))
+    assert none.item() == 0.0 and none.requires_grad

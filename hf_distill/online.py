@@ -89,6 +89,14 @@ class OnlineDistillTrainingArguments(DistillationTrainingArguments):
         },
     )
 
+    teacher_fp32_master_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep float32 master weights for a teacher whose trainable parameters are bf16/fp16: its "
+            "optimizer steps float32 copies, rounded into the model after each step (+8 bytes per trainable "
+            "parameter). Off: AdamW steps the half-precision weights, which rounds most small updates away."
+        },
+    )
     allow_partial_teacher_checkpoint: bool = field(
         default=False,
         metadata={
@@ -188,6 +196,7 @@ class OnlineDistillTrainer(DistillationTrainer):
                 self.get_decay_parameter_names(teacher),
                 betas=(args.adam_beta1, args.adam_beta2),
                 eps=args.adam_epsilon,
+                fp32_master_weights=args.teacher_fp32_master_weights,
             )
             self.teacher_lr_scheduler = get_scheduler(
                 args.teacher_lr_scheduler_type,

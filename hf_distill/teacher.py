@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .checksums import MANIFEST_NAME, CheckpointIntegrityError, read_manifest, verify_manifest, write_manifest
+from .master_weights import MasterWeightsAdamW, has_half_precision
 
 logger = logging.getLogger(__name__)
 
@@ -258,11 +259,14 @@ def create_teacher_optimizer(
     decay_parameter_names: set[str] | list[str],
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fp32_master_weights: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over the teacher's trainable parameters, without weight decay on biases and norms (as Trainer).
 
     torch's fused kernel where the parameters' device and dtype have one (Trainer's default for the student,
-    ``adamw_torch_fused``): on CPU the unfused step of a 22M-parameter teacher takes about 7× longer.
+    ``adamw_torch_fused``): on CPU the unfused step of a 22M-parameter teacher takes about 7× longer. With
+    ``fp32_master_weights`` and half-precision trainable parameters, a `MasterWeightsAdamW` that steps float32
+    copies of them (a pure-bf16 AdamW rounds most of the teacher's small updates away).
     """
     decay_names = set(decay_parameter_names)
     params = trainable_parameters(teacher)
@@ -271,10 +275,15 @@ def create_teacher_optimizer(
         {"params": [p for n, p in params.items() if n not in decay_names], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    optimizer_class = (
+        MasterWeightsAdamW
+        if fp32_master_weights and has_half_precision(params.values())
+        else torch.optim.AdamW
+    )
     try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
+        return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+        return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps)
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

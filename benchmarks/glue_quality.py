@@ -57,7 +57,7 @@ def load_example() -> Any:
 
 def meta_available() -> bool:
     try:
-        from hf_distill.meta import MetaDistillTrainer  # noqa: F401
+        from hf_distill import MetaDistillTrainer  # noqa: F401
     except ImportError:
         return False
     return True

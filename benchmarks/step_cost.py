@@ -60,12 +60,13 @@ from hf_distill import (  # noqa: E402
     DistillationTrainingArguments,
     LGTMTrainer,
     LGTMTrainingArguments,
+    MetaDistillTrainer,
+    MetaDistillTrainingArguments,
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
 from hf_distill.data import split_batch  # noqa: E402
 from hf_distill.influence import fd_epsilon  # noqa: E402
-from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments  # noqa: E402
 from hf_distill.teacher import trainable_parameters  # noqa: E402
 
 METHODS = (

@@ -96,10 +96,10 @@ def trainer_classes(method: str) -> tuple[type[Trainer], type[TrainingArguments]
         return LGTMTrainer, LGTMTrainingArguments
     if method == "meta":
         try:
-            from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments
+            from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments
         except ImportError as err:
             raise ValueError(
-                f"--method meta needs hf_distill.meta.MetaDistillTrainer, which this installation lacks ({err})."
+                f"--method meta needs hf_distill.MetaDistillTrainer, which this installation lacks ({err})."
             ) from err
         return MetaDistillTrainer, MetaDistillTrainingArguments
     raise ValueError(f"Unknown --method {method!r}; choose one of {', '.join(METHODS)}.")

@@ -1,10 +1,15 @@
 """hf_distill: knowledge distillation as drop-in `transformers.Trainer` subclasses."""
 
 from .callbacks import InfluenceLoggerCallback
-from .data import DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
-from .distillation import DistillationTrainer, DistillationTrainingArguments
-from .lgtm import LGTMTrainer, LGTMTrainingArguments
-from .meta import MetaDistillTrainer, MetaDistillTrainingArguments
+from .data import DistillationBatch, DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
+from .distillation_config import DistillationTrainingArguments
+from .distillation_trainer import DistillationTrainer
+from .learning_teacher_config import LearningTeacherTrainingArguments
+from .learning_teacher_trainer import LearningTeacherTrainer
+from .lgtm_config import LGTMTrainingArguments
+from .lgtm_trainer import LGTMTrainer
+from .meta_config import MetaDistillTrainingArguments
+from .meta_trainer import MetaDistillTrainer
 from .metrics import GLUE_TASKS, glue_compute_metrics, glue_metrics, is_regression_task
 from .objectives import (
     DISTILL_LOSSES,
@@ -16,8 +21,11 @@ from .objectives import (
     logit_mse,
     reverse_kl_divergence,
 )
-from .online import OnlineDistillTrainer, OnlineDistillTrainingArguments
-from .quiz import QuizDistillTrainer, QuizDistillTrainingArguments, split_quiz
+from .online_config import OnlineDistillTrainingArguments
+from .online_trainer import OnlineDistillTrainer
+from .quiz import split_quiz
+from .quiz_config import QuizDistillTrainingArguments
+from .quiz_trainer import QuizDistillTrainer
 from .representation import (
     MemoryBank,
     RepresentationHeads,
@@ -41,6 +49,7 @@ __all__ = [
     "DISTILL_LOSSES",
     "GLUE_TASKS",
     "InfluenceLoggerCallback",
+    "DistillationBatch",
     "DistillationDataCollator",
     "DistillationTrainer",
     "DistillationTrainingArguments",
@@ -55,6 +64,8 @@ __all__ = [
     "is_regression_task",
     "kl_divergence",
     "LGTMTrainer",
+    "LearningTeacherTrainer",
+    "LearningTeacherTrainingArguments",
     "MetaDistillTrainer",
     "MetaDistillTrainingArguments",
     "LGTMTrainingArguments",

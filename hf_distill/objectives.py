@@ -201,6 +201,32 @@ def distillation_loss(
     raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILL_LOSSES}.")
 
 
+def online_teacher_loss(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_alpha: float,
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    task_loss: torch.Tensor | None = None,
+    regression: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a teacher that learns from its student: ``α_t · KL(p_s ‖ p_t) + (1 − α_t) · task_loss``.
+
+    The student's logits are targets (detached); a regression head matches the student's prediction
+    (`logit_mse`) instead. ``task_loss=None`` leaves the task term out. Returns the loss and the divergence
+    (for the logs). Used by online distillation and as LGTM's auxiliary teacher loss (docs/algorithms.md).
+    """
+    student_logits = student_logits.detach()
+    if regression:
+        divergence = logit_mse(teacher_logits, student_logits)
+    else:
+        divergence = kl_divergence(teacher_logits, student_logits, temperature, scale_by_temperature_squared)
+    loss = teacher_alpha * divergence
+    if task_loss is not None:
+        loss = loss + (1.0 - teacher_alpha) * task_loss
+    return loss, divergence
+
+
 def ensemble_teacher_logits(
     teacher_logits: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,

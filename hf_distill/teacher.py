@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from transformers.models.auto.modeling_auto import (
 
 from .checksums import MANIFEST_NAME, CheckpointIntegrityError, read_manifest, verify_manifest, write_manifest
 from .master_weights import MasterWeightsAdamW, has_half_precision
+from .nonfinite import check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +288,15 @@ def create_teacher_optimizer(
         return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps)
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mean of each tensor over all processes (one flat all-reduce); unchanged outside a process group."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -301,13 +312,20 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     ]
 
 
+def zeros_for_missing(
+    grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``grads`` with each ``None`` (a parameter the loss does not reach) replaced by zeros of its shape."""
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
 def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
     """Mean of each gradient over all ranks.
 
     The teacher is not wrapped in DDP (its gradients may come from torch.autograd.grad, which bypasses
     DDP's reducer), so its gradients are averaged explicitly.
     """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    grads = zeros_for_missing([p.grad for p in parameters], parameters)
     for p, g in zip(parameters, all_reduce_mean(grads), strict=True):
         p.grad = g
 
@@ -332,6 +350,7 @@ def save_teacher_state(
     Written to a temporary folder that is renamed at the end, so a crash never leaves a half-written
     teacher that a resume would trust; ``manifest.json`` records each file's size and SHA-256.
     """
+    check_finite_weights(teacher, "teacher", "write the teacher into a checkpoint")
     target = Path(checkpoint_dir) / TEACHER_CHECKPOINT_DIR
     staging = Path(checkpoint_dir) / f".{TEACHER_CHECKPOINT_DIR}.tmp"
     if staging.exists():

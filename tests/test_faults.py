@@ -13,7 +13,7 @@ import datasets
 import pytest
 import torch
 from conftest import TINY_RUN, keyword_dataset, tiny_classifier, tiny_run_args
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_distill import (
     DistillationTrainer,
@@ -28,7 +28,9 @@ from hf_distill import (
 from hf_distill.checksums import CheckpointIntegrityError
 from hf_distill.master_weights import MasterWeightsAdamW
 from hf_distill.model_card import usage_lines
+from hf_distill.nonfinite import NonFiniteError, first_nonfinite_parameter
 from hf_distill.quiz import split_quiz
+from hf_distill.teacher import save_teacher_state
 
 # ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
 
@@ -270,7 +272,11 @@ def test_quiz_trainers_without_labels_are_refused_when_built(tmp_path, tokenizer
         ValueError, match=r"quiz data has no label column.*give quiz_dataset .*'label' column"
     ):
         _quiz_trainer(
-            trainer_class, tmp_path, tokenizer, unlabelled, args={"alpha": 1.0, "teacher_alpha": 1.0}
+            trainer_class,
+            tmp_path,
+            tokenizer,
+            unlabelled,
+            args={"alpha": 1.0, **({"teacher_alpha": 1.0} if trainer_class is LGTMTrainer else {})},
         )
     with pytest.raises(ValueError, match=r"quiz data has no label column"):
         _quiz_trainer(trainer_class, tmp_path, tokenizer, keyword_dataset(32), quiz_dataset=unlabelled)
@@ -411,3 +417,132 @@ def test_a_bf16_teachers_master_weights_resume_exactly(tmp_path, tokenizer):
         strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ----- non-finite values ---------------------------------------------------------------------------------------
+
+TRAINERS = {
+    "kd": (DistillationTrainer, DistillationTrainingArguments),
+    "online": (OnlineDistillTrainer, OnlineDistillTrainingArguments),
+    "meta": (MetaDistillTrainer, MetaDistillTrainingArguments),
+    "lgtm": (LGTMTrainer, LGTMTrainingArguments),
+}
+
+
+def _trainer(method: str, tmp_path, tokenizer, teacher=None, student=None, **overrides):
+    trainer_class, args_class = TRAINERS[method]
+    extra = {"quiz_split": 0.25} if method in ("meta", "lgtm") else {}
+    return trainer_class(
+        model=student if student is not None else tiny_classifier(1, seed=2),
+        teacher_model=teacher if teacher is not None else tiny_classifier(2, seed=1),
+        args=tiny_run_args(args_class, tmp_path, **{"max_steps": 4, **extra, **overrides}),
+        train_dataset=keyword_dataset(64),
+        processing_class=tokenizer,
+    )
+
+
+def _poison(module: torch.nn.Module, when) -> None:
+    """Make ``module``'s output NaN whenever ``when()`` holds (a fault injected into one forward)."""
+    module.register_forward_hook(lambda _, __, output: output * math.nan if when() else output)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", list(TRAINERS))
+def test_a_teacher_with_one_nan_weight_is_refused_when_built(tmp_path, tokenizer, method):
+    teacher = tiny_classifier(2, seed=1)
+    with torch.no_grad():
+        teacher.classifier.weight[0, 3] = math.nan
+    with pytest.raises(
+        NonFiniteError, match=r"teacher's weights hold NaN values \(first in classifier\.weight\)"
+    ):
+        _trainer(method, tmp_path, tokenizer, teacher=teacher)
+
+
+def test_a_learning_rate_that_overflows_stops_with_the_step_and_the_weight(tmp_path, tokenizer):
+    trainer = _trainer("kd", tmp_path, tokenizer, learning_rate=1e38, max_grad_norm=0)
+    with pytest.raises(
+        NonFiniteError, match=r"at optimisation step 2.*; the student's weights hold (NaN|infinite)"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("method", ["online", "lgtm"])
+def test_a_teacher_update_that_overflows_stops_naming_the_teacher(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer, teacher_learning_rate=1e38, teacher_max_grad_norm=0)
+    with pytest.raises(NonFiniteError, match=r"The teacher's (logits|gradient) (is|are) (NaN|infinite) at optimisation step [12]"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("method", list(TRAINERS))
+def test_nan_teacher_logits_stop_training_by_default(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer)
+    _poison(trainer.teacher_models[0].classifier, lambda: trainer.state.global_step == 2)
+    with pytest.raises(
+        NonFiniteError, match=r"NaN at optimisation step 3.*; the teacher's weights are all finite"
+    ):
+        trainer.train()
+    for model in (trainer.model, trainer.teacher_models[0]):
+        assert first_nonfinite_parameter(model) is None  # nothing was updated with it
+
+
+@pytest.mark.parametrize("method", list(TRAINERS))
+def test_skip_leaves_both_models_untouched_for_that_step_and_counts_it(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer, nonfinite="skip")
+    snapshots = {}
+
+    class Snapshots(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = (_snapshot(trainer.model), _snapshot(trainer.teacher_models[0]))
+
+    trainer.add_callback(Snapshots())
+    _poison(trainer.teacher_models[0].classifier, lambda: trainer.state.global_step == 1)
+    trainer.train()
+    student_after, teacher_after = _snapshot(trainer.model), _snapshot(trainer.teacher_models[0])
+    for step, (student, teacher) in snapshots.items():
+        later = snapshots.get(step + 1, (student_after, teacher_after))
+        moved = [not torch.equal(student[n], later[0][n]) for n in student]
+        if step == 1:  # the poisoned step: neither model changed
+            assert not any(moved)
+            assert all(torch.equal(teacher[n], later[1][n]) for n in teacher)
+        else:
+            assert any(moved)
+    logged = [entry["nonfinite_skipped_steps"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [0, 1, 1, 1]
+    trainer.save_model(str(tmp_path / "saved"))  # finite: saved
+
+
+def test_skip_stops_after_too_many_steps_in_a_row(tmp_path, tokenizer):
+    trainer = _trainer("online", tmp_path, tokenizer, nonfinite="skip", max_consecutive_nonfinite_skips=2)
+    _poison(trainer.teacher_models[0].classifier, lambda: True)
+    with pytest.raises(NonFiniteError, match=r"3 optimisation steps in a row"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("method", ["meta", "lgtm"])
+def test_a_nan_quiz_loss_is_named(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer)
+    student = trainer.model
+    # The quiz passes run the student without dropout (eval mode): poison only those.
+    _poison(student.classifier, lambda: not student.training)
+    with pytest.raises(NonFiniteError, match=r"The quiz loss is NaN at optimisation step 1"):
+        trainer.train()
+
+
+def test_non_finite_weights_are_never_written(tmp_path, tokenizer):
+    trainer = _trainer("online", tmp_path, tokenizer)
+    with torch.no_grad():
+        trainer.model.classifier.bias[0] = math.inf
+        trainer.teacher_models[0].classifier.bias[1] = math.nan
+    with pytest.raises(NonFiniteError, match=r"Refusing to save the student: .*infinite .*classifier\.bias"):
+        trainer.save_model(str(tmp_path / "student"))
+    with pytest.raises(NonFiniteError, match=r"Refusing to push the student"):
+        trainer.push_to_hub()
+    with pytest.raises(NonFiniteError, match=r"Refusing to save the teacher: .*NaN"):
+        trainer.save_teacher(str(tmp_path / "teacher"))
+    with pytest.raises(NonFiniteError, match=r"Refusing to write the teacher into a checkpoint"):
+        save_teacher_state(tmp_path / "checkpoint", trainer.teacher_models[0], None, None)
+    assert not (tmp_path / "student").exists() and not (tmp_path / "checkpoint" / "teacher").exists()

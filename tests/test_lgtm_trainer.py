@@ -290,7 +290,7 @@ def test_quiz_rows_never_appear_in_training_batches(tmp_path, tokenizer):
 
 def test_eval_set_as_quiz_is_explicit_and_warned(tmp_path, tokenizer, caplog):
     data = keyword_dataset(24)
-    with caplog.at_level(logging.WARNING, logger="hf_distill.quiz"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.quiz_trainer"):
         trainer = LGTMTrainer(
             model=tiny_classifier(1),
             teacher_model=tiny_classifier(2),

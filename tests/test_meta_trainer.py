@@ -18,9 +18,8 @@ from conftest import (
 )
 from transformers import TrainerCallback
 
-import hf_distill.meta
-from hf_distill import glue_compute_metrics, kl_divergence
-from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments
+import hf_distill.meta_trainer
+from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments, glue_compute_metrics, kl_divergence
 
 
 def make_args(tmp_path, **overrides) -> MetaDistillTrainingArguments:
@@ -406,7 +405,7 @@ def test_settings_without_double_backward_are_refused_before_training(tmp_path, 
 
 def test_an_op_without_double_backward_fails_clearly_before_any_update(tmp_path, tokenizer, monkeypatch):
     # Without the switch to SDPA's math backend, the fused CPU kernel has no double backward.
-    monkeypatch.setattr(hf_distill.meta, "sdpa_kernel", lambda *backends: contextlib.nullcontext())
+    monkeypatch.setattr(hf_distill.meta_trainer, "sdpa_kernel", lambda *backends: contextlib.nullcontext())
     trainer = make_trainer(tmp_path, tokenizer, max_steps=2)
     student_before = copy.deepcopy(trainer.model.state_dict())
     teacher_before = copy.deepcopy(trainer.teacher_model.state_dict())

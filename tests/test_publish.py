@@ -29,7 +29,7 @@ from hf_distill import (
     OnlineDistillTrainingArguments,
     glue_compute_metrics,
 )
-from hf_distill.distillation import HUB_STAGING_DIR
+from hf_distill.publishing import HUB_STAGING_DIR
 from hf_distill.teacher import load_teacher
 
 STUDENT_FILES = {
@@ -96,9 +96,9 @@ ARGS = {
     "lgtm": LGTMTrainingArguments,
 }
 TRAINERS = {"kd": DistillationTrainer, "online": OnlineDistillTrainer, "lgtm": LGTMTrainer}
-if importlib.util.find_spec("hf_distill.meta") is not None:
+if importlib.util.find_spec("hf_distill.meta_trainer") is not None:
     try:
-        from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments
+        from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments
 
         ARGS["meta"], TRAINERS["meta"] = MetaDistillTrainingArguments, MetaDistillTrainer
     except ImportError:  # the meta trainer is not ready in this checkout
@@ -236,7 +236,7 @@ def test_card_names_the_teacher_given_as_a_hub_id(tmp_path, tokenizer, hub):
 
 
 def test_teacher_given_as_a_path_and_revision(tmp_path, tokenizer, hub):
-    from hf_distill.distillation import _teacher_source
+    from hf_distill.publishing import teacher_source as _teacher_source
 
     folder = tmp_path / "teacher"
     tiny_classifier(2, seed=1).save_pretrained(folder)

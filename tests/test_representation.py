@@ -16,11 +16,12 @@ from hf_distill import (
     DistillationTrainingArguments,
     LGTMTrainer,
     LGTMTrainingArguments,
+    MetaDistillTrainer,
+    MetaDistillTrainingArguments,
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
     cache_teacher_logits,
 )
-from hf_distill.meta import MetaDistillTrainer, MetaDistillTrainingArguments
 from hf_distill.representation import (
     HEADS_FILE,
     MemoryBank,

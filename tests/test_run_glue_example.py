@@ -107,7 +107,7 @@ def mrpc_dir(tmp_path_factory) -> Path:
 def available_methods() -> list[str]:
     methods = ["finetune", "kd", "online", "lgtm"]
     try:
-        from hf_distill.meta import MetaDistillTrainer  # noqa: F401
+        from hf_distill import MetaDistillTrainer  # noqa: F401
 
         methods.insert(3, "meta")
     except ImportError:

@@ -145,9 +145,7 @@ class NonFiniteMonitor:
 
     def _message(self, bad: list[tuple[str, str, str]], step: int) -> str:
         quantity, kind, owner = bad[0]
-        text = (
-            f"The {quantity} {'are' if quantity.endswith(('logits', 'weights')) else 'is'} {kind} at optimisation step {step}"
-        )
+        text = f"The {quantity} {'are' if quantity.endswith(('logits', 'weights')) else 'is'} {kind} at optimisation step {step}"
         if len(bad) > 1:
             text += f" (also not finite: {', '.join(q for q, _, _ in bad[1:])})"
         weights = None

@@ -473,7 +473,10 @@ def test_a_learning_rate_that_overflows_stops_with_the_step_and_the_weight(tmp_p
 @pytest.mark.parametrize("method", ["online", "lgtm"])
 def test_a_teacher_update_that_overflows_stops_naming_the_teacher(tmp_path, tokenizer, method):
     trainer = _trainer(method, tmp_path, tokenizer, teacher_learning_rate=1e38, teacher_max_grad_norm=0)
-    with pytest.raises(NonFiniteError, match=r"The teacher's (logits|gradient) (is|are) (NaN|infinite) at optimisation step [12]"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"The teacher's (logits|gradient) (is|are) (NaN|infinite) at optimisation step [12]",
+    ):
         trainer.train()
 
 

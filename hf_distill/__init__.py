@@ -1,6 +1,7 @@
 """hf_distill: knowledge distillation as drop-in `transformers.Trainer` subclasses."""
 
 from .callbacks import InfluenceLoggerCallback
+from .checksums import CheckpointIntegrityError
 from .data import DistillationBatch, DistillationDataCollator, add_teacher_inputs, cache_teacher_logits
 from .distillation_config import DistillationTrainingArguments
 from .distillation_trainer import DistillationTrainer
@@ -11,6 +12,7 @@ from .lgtm_trainer import LGTMTrainer
 from .meta_config import MetaDistillTrainingArguments
 from .meta_trainer import MetaDistillTrainer
 from .metrics import GLUE_TASKS, glue_compute_metrics, glue_metrics, is_regression_task
+from .nonfinite import NonFiniteError
 from .objectives import (
     DISTILL_LOSSES,
     dist_loss,
@@ -39,6 +41,8 @@ from .representation import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointIntegrityError",
+    "NonFiniteError",
     "MemoryBank",
     "RepresentationHeads",
     "attention_loss",

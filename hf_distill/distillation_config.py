@@ -18,7 +18,7 @@ from .validation import check_finite, check_integer
 
 @dataclass
 class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
-    """`TrainingArguments` plus the distillation objective (shared/ALGORITHMS.md §1).
+    """`TrainingArguments` plus the distillation objective (docs/algorithms.md, "Distillation objectives").
 
     Args:
         temperature (`float`, defaults to `2.0`):

@@ -384,21 +384,27 @@ def check_teacher_checkpoint(checkpoint_dir: str | os.PathLike, allow_partial: b
     """The checkpoint's teacher folder, once its files are known to be complete and unaltered.
 
     Every file must match the SHA-256 recorded when it was written (a checkpoint from before manifests is
-    resumed with a warning). A folder without the teacher's optimizer or schedule is refused, since resuming
-    would silently restart the teacher's AdamW moments or its learning-rate schedule, unless ``allow_partial``
-    (then with a warning).
+    resumed with a warning). A folder that lost the teacher's optimizer or schedule (listed in its manifest,
+    or, without a manifest, absent) is refused, since resuming would silently restart the teacher's AdamW
+    moments or its learning-rate schedule, unless ``allow_partial`` (then with a warning).
     """
     folder = teacher_state_dir(checkpoint_dir)
     # A missing optimizer or schedule gets the specific message below, with its opt-out.
     verify_manifest(folder, absent_ok={TEACHER_OPTIMIZER_NAME, TEACHER_SCHEDULER_NAME})
-    if read_manifest(folder) is None:
+    manifest = read_manifest(folder)
+    if manifest is None:
         logger.warning(
             "The teacher state in %s has no %s (written by hf_distill before checksums were recorded): its files "
             "cannot be verified and are resumed as they are.",
             folder,
             MANIFEST_NAME,
         )
-    missing = [n for n in (TEACHER_OPTIMIZER_NAME, TEACHER_SCHEDULER_NAME) if not (folder / n).is_file()]
+    # What the manifest lists was written and must be there (a state saved without a scheduler lists none);
+    # a checkpoint from before manifests must hold both.
+    expected = [
+        n for n in (TEACHER_OPTIMIZER_NAME, TEACHER_SCHEDULER_NAME) if manifest is None or n in manifest
+    ]
+    missing = [n for n in expected if not (folder / n).is_file()]
     if missing and not allow_partial:
         raise CheckpointIntegrityError(
             f"The teacher state in {folder} has no {' or '.join(missing)}: resuming would restart the teacher's "

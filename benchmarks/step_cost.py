@@ -3,7 +3,8 @@
     python benchmarks/step_cost.py    # every method; MiniLM-L6 teacher → its first 3 layers, batch 32 × 128
     python benchmarks/step_cost.py --methods kd lgtm lgtm_pre lgtm_exact lgtm_ckpt lgtm_naive --batch_size 16
 
-Methods: ``finetune`` (the student alone, plain `Trainer`), ``kd``, ``online``, ``meta``, and LGTM as
+Methods: ``finetune`` (the student alone, plain `Trainer`), ``kd``, ``online``, ``meta``, ``kd_unchecked`` and
+``online_unchecked`` (the same steps without the non-finite checks, to measure their cost), and LGTM as
 ``lgtm`` (faithful: finite differences, the student learns from the updated teacher), ``lgtm_pre``
 (``lgtm_student_targets="pre_update"``), ``lgtm_exact`` (``influence_mode="exact"``), ``lgtm_small_quiz``
 (faithful with a quiz batch a quarter of the training batch), ``lgtm_ckpt`` and ``lgtm_pre_ckpt`` (faithful
@@ -67,10 +68,11 @@ from hf_distill import (  # noqa: E402
 )
 from hf_distill.data import split_batch  # noqa: E402
 from hf_distill.influence import fd_epsilon  # noqa: E402
+from hf_distill.nonfinite import NonFiniteCallback  # noqa: E402
 from hf_distill.teacher import trainable_parameters  # noqa: E402
 
 METHODS = (
-    "finetune", "kd", "online", "lgtm", "lgtm_pre", "lgtm_exact", "lgtm_small_quiz", "lgtm_ckpt", "lgtm_pre_ckpt",
+    "finetune", "kd", "kd_unchecked", "online", "online_unchecked", "lgtm", "lgtm_pre", "lgtm_exact", "lgtm_small_quiz", "lgtm_ckpt", "lgtm_pre_ckpt",
     "lgtm_naive", "meta",
 )  # fmt: skip
 LGTM_VARIANTS = {
@@ -260,7 +262,28 @@ def make_data(args: argparse.Namespace) -> datasets.Dataset:
     )
 
 
+class NoNonFiniteChecks:
+    """Stands in for a trainer's `NonFiniteMonitor` (``*_unchecked`` methods): the step without the checks, to
+    measure what they cost. Benchmark only: the library has no switch that turns them off."""
+
+    policy, models = "error", {}
+
+    def watch(self, *_: object) -> None: ...
+    def watch_all(self, *_: object) -> None: ...
+    def end_step(self) -> None: ...
+    def should_skip(self, *_: object, **__: object) -> bool:
+        return False
+
+    def log_values(self) -> dict:
+        return {}
+
+
 def make_trainer(method: str, args: argparse.Namespace, data: datasets.Dataset, timer: StepTimer, out: Path):
+    if method.endswith("_unchecked"):
+        trainer = make_trainer(method.removesuffix("_unchecked"), args, data, timer, out)
+        trainer.nonfinite = NoNonFiniteChecks()
+        trainer.callback_handler.remove_callback(NonFiniteCallback)
+        return trainer
     teacher, student = load_models(args)
     common = dict(
         output_dir=str(out / method),

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # Public name -> the module of the package that defines it.
 _EXPORTS: dict[str, str] = {
     "InfluenceLoggerCallback": "callbacks",
+    "CheckpointIntegrityError": "checksums",
     "DistillationBatch": "data",
     "DistillationDataCollator": "data",
     "add_teacher_inputs": "data",
@@ -31,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "glue_compute_metrics": "metrics",
     "glue_metrics": "metrics",
     "is_regression_task": "metrics",
+    "NonFiniteError": "nonfinite",
     "DISTILL_LOSSES": "objectives",
     "dist_loss": "objectives",
     "distillation_loss": "objectives",

@@ -4,19 +4,21 @@ representation terms (docs/algorithms.md, "Distillation objectives")."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
 from .devices import no_pin_memory_without_accelerator
+from .nonfinite import NONFINITE_POLICIES
 from .objectives import DISTILL_LOSSES
+from .redaction import RedactedSecretsMixin
 from .representation import ATTENTION_LOSSES, CRD_POOLINGS, HIDDEN_LOSSES, POOLINGS, parse_layer_map
+from .validation import check_finite, check_integer
 
 
 @dataclass
-class DistillationTrainingArguments(TrainingArguments):
+class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
     """`TrainingArguments` plus the distillation objective (docs/algorithms.md, "Distillation objectives").
 
     Args:
@@ -41,6 +43,12 @@ class DistillationTrainingArguments(TrainingArguments):
         allow_untrained_teacher_head (`bool`, defaults to `False`):
             Accept a teacher path or Hub id whose task head is missing from the checkpoint (initialised at
             random); by default that is an error, since such a teacher is not fine-tuned on the task.
+        nonfinite (`str`, defaults to `'error'`):
+            What a NaN or infinite loss, logits, gradient or influence weight does: error (stop, naming the step,
+            the quantity and the first non-finite weight) or skip (skip both models' updates for that step and
+            count it in the logs as nonfinite_skipped_steps).
+        max_consecutive_nonfinite_skips (`int`, defaults to `5`):
+            With nonfinite='skip', stop with an error after this many skipped steps in a row.
         hidden_distill_weight (`float`, defaults to `0.0`):
             Weight of the hidden-state (PKD) term added to the student's loss (0 turns it off); see
             docs/representation.md.
@@ -69,7 +77,9 @@ class DistillationTrainingArguments(TrainingArguments):
         crd_pooling (`str`, defaults to `'cls'`):
             Embedding of the last layer that CRD contrasts: cls or mean (over the attention mask).
 
-    Every argument of `TrainingArguments` applies too.
+    Every argument of `TrainingArguments` applies too. Credentials in any argument (``hub_token``, a ``token``
+    in ``teacher_model_init_kwargs``) stay usable in memory but are replaced by ``"<redacted>"`` in what is
+    saved or printed (``training_args.bin``, ``to_dict``, ``to_json_string``, ``str``).
     """
 
     temperature: float = field(
@@ -117,6 +127,21 @@ class DistillationTrainingArguments(TrainingArguments):
         metadata={
             "help": "Accept a teacher path or Hub id whose task head is missing from the checkpoint (initialised "
             "at random); by default that is an error, since such a teacher is not fine-tuned on the task."
+        },
+    )
+    nonfinite: str = field(
+        default="error",
+        metadata={
+            "help": "What a NaN or infinite loss, logits, gradient or influence weight does: error (stop, naming "
+            "the step, the quantity and the first non-finite weight) or skip (skip both models' updates for that "
+            "step and count it in the logs as nonfinite_skipped_steps).",
+            "choices": NONFINITE_POLICIES,
+        },
+    )
+    max_consecutive_nonfinite_skips: int = field(
+        default=5,
+        metadata={
+            "help": "With nonfinite='skip', stop with an error after this many skipped steps in a row."
         },
     )
 
@@ -191,26 +216,30 @@ class DistillationTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         # Checked before TrainingArguments' own set-up so that a typo fails fast.
         self._check_representation_arguments()
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0, got {self.temperature}; 1.0 leaves the logits unchanged."
-            )
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(
-                f"alpha must be in [0, 1], got {self.alpha}: it weights the distillation term and 1 - alpha the "
-                "task loss."
-            )
+        check_finite(
+            "temperature", self.temperature, 0, low_open=True, hint="1.0 leaves the logits unchanged."
+        )
+        check_finite(
+            "alpha", self.alpha, 0, 1, hint="It weights the distillation term and 1 - alpha the task loss."
+        )
         if self.distill_loss not in DISTILL_LOSSES:
             raise ValueError(
                 f"distill_loss={self.distill_loss!r} is unknown; choose one of {DISTILL_LOSSES}."
             )
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.jsd_beta}.")
-        if self.dist_intra_weight < 0:
-            raise ValueError(f"dist_intra_weight must be >= 0, got {self.dist_intra_weight}.")
+        check_finite("jsd_beta", self.jsd_beta, 0, 1, hint="0 is forward KL, 1 reverse KL.")
+        check_finite("dist_intra_weight", self.dist_intra_weight, 0)
+        check_finite("learning_rate", self.learning_rate, 0, hint="The student's, e.g. 5e-5.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={self.nonfinite!r} is unknown; choose one of {NONFINITE_POLICIES}.")
+        self.max_consecutive_nonfinite_skips = check_integer(
+            "max_consecutive_nonfinite_skips", self.max_consecutive_nonfinite_skips, 1
+        )
+        check_finite("max_grad_norm", self.max_grad_norm, 0, hint="0 disables the student's clipping.")
         if self.teacher_weights is not None:
-            if len(self.teacher_weights) == 0 or any(w < 0 for w in self.teacher_weights):
-                raise ValueError(f"teacher_weights must be non-negative numbers, got {self.teacher_weights}.")
+            if len(self.teacher_weights) == 0:
+                raise ValueError("teacher_weights must hold one weight per teacher, got an empty list.")
+            for position, weight in enumerate(self.teacher_weights):
+                check_finite(f"teacher_weights[{position}]", weight, 0)
             if sum(self.teacher_weights) <= 0:
                 raise ValueError("teacher_weights must not all be zero.")
         if isinstance(self.teacher_model_init_kwargs, str):
@@ -223,11 +252,7 @@ class DistillationTrainingArguments(TrainingArguments):
 
     def _check_representation_arguments(self) -> None:
         for name in ("hidden_distill_weight", "attention_distill_weight", "crd_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(
-                    f"{name} must be a finite number >= 0 (0 turns the term off), got {value!r}."
-                )
+            check_finite(name, getattr(self, name), 0, hint="0 turns the term off.")
         self.hidden_layer_map = parse_layer_map(self.hidden_layer_map)
         for name, choices in (
             ("hidden_pooling", POOLINGS),
@@ -237,8 +262,7 @@ class DistillationTrainingArguments(TrainingArguments):
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {choices}.")
-        if not self.crd_temperature > 0:
-            raise ValueError(f"crd_temperature must be > 0, got {self.crd_temperature} (CRD uses 0.07).")
+        check_finite("crd_temperature", self.crd_temperature, 0, low_open=True, hint="CRD uses 0.07.")
         if isinstance(self.crd_dim, bool) or int(self.crd_dim) != self.crd_dim or self.crd_dim < 1:
             raise ValueError(f"crd_dim must be an integer >= 1 (e.g. 128), got {self.crd_dim!r}.")
         if (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,9 @@ from .data import (
     default_student_collator,
 )
 from .distillation_config import DistillationTrainingArguments
+from .label_checks import check_label_range, check_not_empty, find_label_column
 from .metrics import warn_if_collapsed
+from .nonfinite import NonFiniteCallback, NonFiniteMonitor, check_finite_weights
 from .objectives import DistillationObjective, aligned_logits, ensemble_teacher_logits, logit_mse
 from .publishing import StudentPublishingMixin, teacher_source
 from .representation import RepresentationHeads
@@ -36,7 +38,9 @@ from .representation_term import RepresentationTerm, TeacherFeatures, load_heads
 from .teacher import (
     CAUSAL_LM,
     SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
     TOKEN_LEVEL_TASKS,
+    all_reduce_mean,
     check_teacher_student_compatible,
     forward_arg_names,
     load_teacher,
@@ -133,6 +137,9 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         # steps; token-level ones follow Trainer's own num_items_in_batch normalisation.
         self.loss_is_scaled_for_ga = None if self._token_level else False
         self._logged_components: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.nonfinite = NonFiniteMonitor(args.nonfinite, args.max_consecutive_nonfinite_skips)
+        self.nonfinite.models = {"student": [self.model], "teacher": self.teacher_models}
+        self.add_callback(NonFiniteCallback(self.nonfinite, reduce=lambda t: all_reduce_mean([t])[0]))
         self._check_teacher_inputs(self.train_dataset)
         self._check_labels(self.train_dataset)
         self.representation: RepresentationTerm | None = self._build_representation_term()
@@ -152,8 +159,10 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             load_teacher(t, self.model, args.teacher_model_init_kwargs, args.allow_untrained_teacher_head)
             for t in teachers
         ]
+        check_finite_weights(self.model, "student", "build the trainer")
         for position, teacher in enumerate(teachers):
             check_teacher_student_compatible(teacher, self.model, position)
+            check_finite_weights(teacher, "teacher", "build the trainer")
         self.teacher_models: list[nn.Module] = self._prepare_teachers(teachers)
         self._teacher_arg_names = [forward_arg_names(t) - {"labels"} for t in self.teacher_models]
 
@@ -221,6 +230,10 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             )
 
     def _check_labels(self, dataset: Any) -> None:
+        check_not_empty(dataset, "training set (train_dataset)", "Pass a dataset with rows.")
+        self._check_label_range(dataset, "training")
+        if isinstance(self.eval_dataset, Sized):
+            self._check_label_range(self.eval_dataset, "evaluation")
         columns = dataset_columns(dataset)
         if not columns or self.args.alpha == 1.0 or self._student_task not in (SEQUENCE_CLASSIFICATION, None):
             return  # language-model labels are often made by the collator: checked per batch instead
@@ -230,6 +243,15 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
                 "gives the task loss a weight of 1 - alpha. Add a 'label' column, or set alpha=1.0 to distil "
                 "from the teacher alone."
             )
+
+    def _check_label_range(self, dataset: Any, description: str) -> None:
+        """Class labels outside [0, num_labels) fail at construction, with the value and row named."""
+        if self._student_task not in (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION) or self._is_regression():
+            return
+        num_labels = getattr(getattr(unwrap_model(self.model), "config", None), "num_labels", None)
+        column = find_label_column(dataset_columns(dataset), self.label_names)
+        if num_labels and column is not None:
+            check_label_range(dataset, column, num_labels, description)
 
     # ----- representation distillation (hidden states, attention maps, CRD) -----------------------------------
 
@@ -340,6 +362,8 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         )
         alpha, task_loss = self.args.alpha, student.task_loss
         loss = distill if task_loss is None else alpha * distill + (1.0 - alpha) * task_loss
+        self.nonfinite.watch("teacher's logits", targets.logits, "teacher")
+        self.nonfinite.watch("distillation term", distill, "student")
         self._record("distill_loss", distill_for_log)
         if task_loss is not None:
             self._record("task_loss", self._task_loss_for_log(task_loss, batch.student, task_items))
@@ -352,6 +376,7 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             loss = loss + representation
             for name, value in parts.items():
                 self._record(name, value)
+        self.nonfinite.watch("student's loss", loss, "student")
         return (loss, student.outputs) if return_outputs else loss
 
     def _evaluation_inputs(self, model: nn.Module, batch: DistillationBatch) -> dict[str, Any]:
@@ -527,4 +552,6 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
                 # Six significant digits, not decimals: influence terms and their gradient norms are ~1e-6.
                 logs[name] = float(f"{self.accelerator.reduce(mean, reduction='mean').item():.6g}")
             self._logged_components.clear()
+        if "loss" in logs:
+            logs.update(self.nonfinite.log_values())
         super().log(logs, start_time)

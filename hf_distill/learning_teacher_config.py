@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import SchedulerType
 
 from .distillation_config import DistillationTrainingArguments
+from .validation import check_finite
 
 
 @dataclass
@@ -31,6 +32,13 @@ class LearningTeacherTrainingArguments(DistillationTrainingArguments):
             dropout replayed, same gradients): less memory for one more teacher forward per update. Saves
             most in LGTMTrainer, whose teacher graph lives across the student's lookahead and influence
             passes.
+        teacher_fp32_master_weights (`bool`, defaults to `True`):
+            Keep float32 master weights for a teacher whose trainable parameters are bf16/fp16: its optimizer
+            steps float32 copies, rounded into the model after each step (+8 bytes per trainable parameter).
+            Off: AdamW steps the half-precision weights, which rounds most small updates away.
+        allow_partial_teacher_checkpoint (`bool`, defaults to `False`):
+            Resume from a checkpoint whose teacher folder lacks optimizer.pt or scheduler.pt (the teacher's
+            optimizer or schedule then start afresh, with a warning). Off: such a checkpoint is refused.
 
     Every argument of `DistillationTrainingArguments` applies too.
     """
@@ -65,21 +73,33 @@ class LearningTeacherTrainingArguments(DistillationTrainingArguments):
             "in LGTMTrainer, whose teacher graph lives across the student's lookahead and influence passes."
         },
     )
+    teacher_fp32_master_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep float32 master weights for a teacher whose trainable parameters are bf16/fp16: its "
+            "optimizer steps float32 copies, rounded into the model after each step (+8 bytes per trainable "
+            "parameter). Off: AdamW steps the half-precision weights, which rounds most small updates away."
+        },
+    )
+    allow_partial_teacher_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint whose teacher folder lacks optimizer.pt or scheduler.pt (the teacher's "
+            "optimizer or schedule then start afresh, with a warning). Off: such a checkpoint is refused."
+        },
+    )
 
     def __post_init__(self) -> None:
-        if not self.teacher_learning_rate > 0:
-            raise ValueError(
-                f"teacher_learning_rate must be > 0, got {self.teacher_learning_rate}; for a frozen teacher use "
-                "DistillationTrainer."
-            )
-        if self.teacher_weight_decay < 0:
-            raise ValueError(f"teacher_weight_decay must be >= 0, got {self.teacher_weight_decay}.")
-        if not 0.0 <= self.teacher_warmup_ratio < 1.0:
-            raise ValueError(f"teacher_warmup_ratio must be in [0, 1), got {self.teacher_warmup_ratio}.")
-        if self.teacher_max_grad_norm < 0:
-            raise ValueError(
-                f"teacher_max_grad_norm must be >= 0 (0 disables clipping), got {self.teacher_max_grad_norm}."
-            )
+        check_finite(
+            "teacher_learning_rate",
+            self.teacher_learning_rate,
+            0,
+            low_open=True,
+            hint="For a frozen teacher use DistillationTrainer.",
+        )
+        check_finite("teacher_weight_decay", self.teacher_weight_decay, 0)
+        check_finite("teacher_warmup_ratio", self.teacher_warmup_ratio, 0, 1, high_open=True)
+        check_finite("teacher_max_grad_norm", self.teacher_max_grad_norm, 0, hint="0 disables clipping.")
         try:
             self.teacher_lr_scheduler_type = SchedulerType(self.teacher_lr_scheduler_type).value
         except ValueError as err:

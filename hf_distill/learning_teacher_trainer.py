@@ -22,6 +22,7 @@ from .distillation_trainer import DistillationTrainer, StudentForward, TeacherTa
 from .learning_teacher_config import LearningTeacherTrainingArguments
 from .publishing import TeacherPublishingMixin
 from .teacher import (
+    all_reduce_mean,
     average_gradients_across_processes,
     broadcast_parameters,
     check_learning_teacher_supported,
@@ -99,6 +100,7 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
                 self.get_decay_parameter_names(teacher),
                 betas=(args.adam_beta1, args.adam_beta2),
                 eps=args.adam_epsilon,
+                fp32_master_weights=args.teacher_fp32_master_weights,
             )
             self.teacher_lr_scheduler = get_scheduler(
                 args.teacher_lr_scheduler_type,
@@ -169,6 +171,13 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
         if self.args.teacher_max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.args.teacher_max_grad_norm)
             self._record("teacher_grad_norm", norm.detach())
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.nonfinite.watch("teacher's gradient", norm, "teacher")
+        if self.nonfinite.should_skip(self.state.global_step + 1, reduce=lambda t: all_reduce_mean([t])[0]):
+            self.teacher_optimizer.zero_grad(set_to_none=True)
+            self.teacher_lr_scheduler.step()  # the schedule runs over the student's steps, skipped or not
+            return
         self._record(
             "teacher_learning_rate",
             torch.tensor(self.teacher_lr_scheduler.get_last_lr()[0], dtype=torch.float32),
@@ -195,7 +204,9 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
         """`Trainer.train`, also restoring the teacher, its optimizer and its scheduler when resuming."""
         folder = self.resume_checkpoint_folder(resume_from_checkpoint)
         if folder is not None:
-            load_teacher_weights(folder, self.teacher_models[0])
+            load_teacher_weights(
+                folder, self.teacher_models[0], allow_partial=self.args.allow_partial_teacher_checkpoint
+            )
             self._resume_checkpoint = folder
         self.teacher_optimizer, self.teacher_lr_scheduler = None, None  # rebuilt for this run's length
         try:

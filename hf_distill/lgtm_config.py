@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .objectives import DISTILL_LOSSES, DistillationObjective
 from .online_config import OnlineDistillTrainingArguments
 from .quiz_config import QuizDistillTrainingArguments
+from .validation import check_finite
 
 INFLUENCE_MODES = ("finite_difference", "exact")
 INFLUENCE_LOSSES = ("teacher_kl", "student_kl")
@@ -96,11 +97,10 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments, OnlineDistillTrainingA
             raise ValueError(
                 f"lgtm_student_targets={self.lgtm_student_targets!r} is unknown; choose one of {STUDENT_TARGETS}."
             )
-        if not self.fd_radius > 0:
-            raise ValueError(f"fd_radius must be > 0, got {self.fd_radius} (the reference uses 0.01).")
-        if self.influence_scale is not None and self.influence_scale < 0:
-            raise ValueError(
-                f"influence_scale must be >= 0 (or None for the teacher's learning rate), got {self.influence_scale}."
+        check_finite("fd_radius", self.fd_radius, 0, low_open=True, hint="The reference uses 0.01.")
+        if self.influence_scale is not None:
+            check_finite(
+                "influence_scale", self.influence_scale, 0, hint="Or None for the teacher's learning rate."
             )
         if (
             self.influence_loss == "student_kl"

@@ -18,13 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
-from .data import DistillationBatch
+from .data import DistillationBatch, dataset_columns
 from .distillation_trainer import StudentForward, TeacherTargets
 from .influence import (
     adamw_lookahead,
@@ -36,9 +35,10 @@ from .influence import (
     perturbed,
     sgd_lookahead,
 )
+from .label_checks import find_label_column
 from .lgtm_config import LGTMTrainingArguments
 from .model_card import summarize_influence
-from .objectives import kl_divergence, online_teacher_loss
+from .objectives import kl_divergence, labelled_cross_entropy, online_teacher_loss
 from .quiz_trainer import QuizDistillTrainer
 from .teacher import SEQUENCE_CLASSIFICATION, all_reduce_mean, trainable_parameters, zeros_for_missing
 
@@ -60,6 +60,14 @@ class LGTMTrainer(QuizDistillTrainer):
             raise ValueError(
                 "LGTMTrainer supports single-label sequence classification (the paper's GLUE setting); for "
                 "regression or token-level tasks use OnlineDistillTrainer or DistillationTrainer."
+            )
+        columns = dataset_columns(self.train_dataset)
+        if columns and find_label_column(columns, self.label_names) is None:
+            raise ValueError(
+                "LGTMTrainer needs labels in train_dataset (looked for a 'label', 'labels' or 'label_ids' column): "
+                "the student's lookahead and the teacher's auxiliary loss include their cross-entropy, and the quiz "
+                "is carved from these rows. Add a 'label' column (or use OnlineDistillTrainer with alpha=1.0 and "
+                "teacher_alpha=1.0 to distil without labels)."
             )
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -152,7 +160,9 @@ class LGTMTrainer(QuizDistillTrainer):
         teacher = self.teacher_models[0]
         teacher.train()
         with record_function("lgtm.teacher_forward"):
-            return teacher(**batch.teacher_inputs(self._teacher_arg_names[0])).logits
+            logits = teacher(**batch.teacher_inputs(self._teacher_arg_names[0])).logits
+        self.nonfinite.watch("teacher's logits", logits, "teacher")
+        return logits
 
     def lgtm_teacher_update(
         self,
@@ -199,13 +209,14 @@ class LGTMTrainer(QuizDistillTrainer):
                     names,
                     lookahead_params,
                     quiz.features,
-                    lambda outputs: F.cross_entropy(outputs.logits.float(), quiz.labels),
+                    lambda outputs: labelled_cross_entropy(outputs.logits, quiz.labels),
                 )
                 del lookahead_params  # θs' is done with once v exists
                 # 3. Per-sample influence, with the graph to the teacher's logits.
                 weights = self._influence_weights(
                     student, names, params, batch.features, teacher_logits, direction
                 )
+                self.nonfinite.watch("influence weights", weights, "student")
             finally:
                 student.train()
 
@@ -283,6 +294,7 @@ class LGTMTrainer(QuizDistillTrainer):
     ) -> None:
         """The teacher's gradient of ``L_aux + influence_term`` in ``.grad``, one backward through its forward."""
         aux_loss = self._teacher_aux_loss(teacher_logits, student_logits.detach(), labels)
+        self.nonfinite.watch("teacher's loss", aux_loss, "teacher")
         if not self._is_logging_step():
             (aux_loss + influence_term).backward()
             return
@@ -328,9 +340,7 @@ class LGTMTrainer(QuizDistillTrainer):
     ) -> torch.Tensor:
         """The student's training loss (as `compute_loss`), from logits."""
         distill, _ = self.distillation_term(student_logits, teacher_logits, {"labels": labels})
-        task = F.cross_entropy(
-            student_logits.float(), labels, label_smoothing=self.args.label_smoothing_factor
-        )
+        task = labelled_cross_entropy(student_logits, labels, self.args.label_smoothing_factor)
         return self.args.alpha * distill + (1.0 - self.args.alpha) * task
 
     def _teacher_aux_loss(
@@ -338,7 +348,7 @@ class LGTMTrainer(QuizDistillTrainer):
     ) -> torch.Tensor:
         """The online-distillation teacher loss α_t · KL(p_s ‖ p_t) + (1 − α_t) · CE (docs/algorithms.md)."""
         args = self.args
-        ce = F.cross_entropy(teacher_logits.float(), labels)
+        ce = labelled_cross_entropy(teacher_logits, labels)
         loss, kl = online_teacher_loss(
             teacher_logits,
             student_logits,
@@ -413,5 +423,7 @@ def _functional_logits(
 
 
 def _gold_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's probability of its gold label."""
-    return logits.detach().float().softmax(-1).gather(1, labels.view(-1, 1)).squeeze(1)
+    """Each row's probability of its gold label (NaN for a row labelled -100, which has none)."""
+    labelled = labels.ne(-100)
+    probs = logits.detach().float().softmax(-1).gather(1, labels.clamp_min(0).view(-1, 1)).squeeze(1)
+    return probs.masked_fill(~labelled, float("nan"))

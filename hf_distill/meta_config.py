@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .quiz_config import QuizDistillTrainingArguments
+from .validation import check_finite, check_integer
 
 
 @dataclass
@@ -51,25 +52,20 @@ class MetaDistillTrainingArguments(QuizDistillTrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if not self.pilot_learning_rate > 0:
-            raise ValueError(
-                f"pilot_learning_rate must be > 0, got {self.pilot_learning_rate}: it is the step size of the "
-                "pilot update the teacher learns through (typically the student's learning_rate)."
-            )
-        if (
-            isinstance(self.meta_every, bool)
-            or int(self.meta_every) != self.meta_every
-            or self.meta_every < 1
-        ):
-            raise ValueError(
-                f"meta_every must be an integer >= 1 (1 updates the teacher every step), got {self.meta_every}."
-            )
-        self.meta_every = int(self.meta_every)
-        if not self.teacher_task_weight >= 0:
-            raise ValueError(
-                f"teacher_task_weight must be >= 0 (0 is the paper's quiz-only teacher), got "
-                f"{self.teacher_task_weight}."
-            )
+        check_finite(
+            "pilot_learning_rate",
+            self.pilot_learning_rate,
+            0,
+            low_open=True,
+            hint="It is the step size of the pilot update the teacher learns through (typically the student's "
+            "learning_rate).",
+        )
+        self.meta_every = check_integer(
+            "meta_every", self.meta_every, 1, hint="1 updates the teacher every step."
+        )
+        check_finite(
+            "teacher_task_weight", self.teacher_task_weight, 0, hint="0 is the paper's quiz-only teacher."
+        )
         if self.alpha == 0:
             raise ValueError(
                 "alpha=0 gives the distillation term no weight, so the student's pilot step does not depend on "

@@ -118,6 +118,8 @@ class MetaDistillTrainer(QuizDistillTrainer):
             )
             grads = torch.autograd.grad(pilot_loss, params, create_graph=True, allow_unused=True)
             grads, pilot_norm = self._global_pilot_gradient(zeros_for_missing(grads, params))
+            self.nonfinite.watch("teacher's logits", teacher_outputs.logits, "teacher")
+            self.nonfinite.watch("pilot gradient", pilot_norm, "student")
             pilot = pilot_step(params, grads, args.pilot_learning_rate)
 
             # 2. The quiz loss at θs' and v = ∂Q/∂θs' (first order, at detached copies of θs').

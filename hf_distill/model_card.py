@@ -490,23 +490,44 @@ def card_body(run: DistillationRun) -> str:
         lines.append(f"| `{name}` | {_number(value) if isinstance(value, float) else value} |")
     lines.append("")
 
-    repo = run.repo_id or run.model_name
-    lines += [
-        "## Usage",
-        "",
-        "```python",
-        f"from transformers import {', '.join(sorted({'AutoTokenizer', run.auto_class}))}",
-        "",
-        f'model = {run.auto_class}.from_pretrained("{repo}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-        "```",
-        "",
-        "The student is a standard `transformers` model: the teacher is not needed at inference.",
-        "",
-    ]
+    lines += usage_lines(run)
     if method:
         lines += ["## Citation", "", "```bibtex", method["bibtex"], "```", ""]
     return "\n".join(lines)
+
+
+def usage_lines(run: DistillationRun) -> list[str]:
+    """The card's Usage section: a plain `transformers` load, or for a PEFT adapter the base model then the adapter."""
+    repo = run.repo_id or run.model_name
+    classes = ", ".join(sorted({"AutoTokenizer", run.auto_class}))
+    if run.library_name != "peft":
+        code = [
+            f"from transformers import {classes}",
+            "",
+            f'model = {run.auto_class}.from_pretrained("{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        ]
+        note = "The student is a standard `transformers` model: the teacher is not needed at inference."
+    else:
+        base = run.base_model or "<the base model's id or folder>"
+        code = [
+            "from peft import PeftModel",
+            f"from transformers import {classes}",
+            "",
+            f'base = {run.auto_class}.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        ]
+        where = (
+            f"`{run.base_model}`"
+            if run.base_model
+            else "its base model (not on the Hub: load it from where you keep it)"
+        )
+        note = (
+            f"The student is a PEFT (LoRA) adapter on {where}: load the base model, then the adapter "
+            "(`model.merge_and_unload()` gives a plain `transformers` model). The teacher is not needed at inference."
+        )
+    return ["## Usage", "", "```python", *code, "```", "", note, ""]
 
 
 def build_model_card(run: DistillationRun) -> ModelCard:

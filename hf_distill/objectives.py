@@ -390,3 +390,16 @@ def aligned_logits(
     if mask is None:
         return student_logits.flatten(0, 1), teacher_logits.flatten(0, 1)
     return student_logits[mask], teacher_logits[mask]
+
+
+def labelled_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy over the rows whose label is not -100 (as `Trainer`'s losses), in float32.
+
+    Unlike ``F.cross_entropy``'s mean, a batch whose every label is -100 gives 0 (graph kept), not NaN.
+    """
+    summed = torch.nn.functional.cross_entropy(
+        logits.float(), labels, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing
+    )
+    return summed / labels.ne(-100).sum().clamp_min(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .learning_teacher_config import LearningTeacherTrainingArguments
+from .validation import check_finite
 
 
 @dataclass
@@ -26,9 +27,11 @@ class OnlineDistillTrainingArguments(LearningTeacherTrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.teacher_alpha <= 1.0:
-            raise ValueError(
-                f"teacher_alpha must be in [0, 1], got {self.teacher_alpha}: it weights the teacher's KL to the "
-                "student and 1 - teacher_alpha its task loss."
-            )
+        check_finite(
+            "teacher_alpha",
+            self.teacher_alpha,
+            0,
+            1,
+            hint="It weights the teacher's KL to the student and 1 - teacher_alpha its task loss.",
+        )
         super().__post_init__()

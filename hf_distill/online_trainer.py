@@ -84,6 +84,7 @@ class OnlineDistillTrainer(LearningTeacherTrainer):
             regression=regression,
         )
         self._record("teacher_kl", divergence.detach())
+        self.nonfinite.watch("teacher's loss", loss, "teacher")
         if alpha_t < 1.0:
             self._record("teacher_task_loss", outputs.loss.detach())
         return loss

@@ -31,6 +31,7 @@ from .model_card import (
     describe_teacher,
     final_eval_metrics,
 )
+from .nonfinite import check_finite_weights
 from .objectives import LOSS_SPECIFIC_SETTINGS, distill_loss_entry
 from .teacher import (
     CAUSAL_LM,
@@ -70,7 +71,10 @@ class StudentPublishingMixin:
 
         The folder gets the student's weights (safetensors), config, tokenizer or processor, the training
         arguments, and ``README.md``, a model card describing the distillation (see `create_model_card`).
+        A student whose weights are not finite is refused (`NonFiniteError`): checkpoints and pushes save
+        through here too.
         """
+        check_finite_weights(self.model, "student", "save the student")
         super().save_model(output_dir, _internal_call=True)
         if _internal_call:  # checkpoints and pushes: the card is written where it is needed
             return
@@ -137,6 +141,7 @@ class StudentPublishingMixin:
         """
         # Trainer.push_to_hub uploads all of output_dir, which also holds what the run wrote there (influence
         # logs, TensorBoard runs/, a saved teacher): we save the student to a clean folder and upload that.
+        check_finite_weights(self.model, "student", "push the student")  # before a Hub repository is created
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
         model_name = kwargs.pop("model_name", None) or self._hub_model_name()
@@ -298,6 +303,7 @@ class TeacherPublishingMixin:
 
     def save_teacher(self, output_dir: str | os.PathLike) -> None:
         """Write the live teacher (``save_pretrained``, safetensors) with its tokenizer to ``output_dir``."""
+        check_finite_weights(self.teacher_models[0], "teacher", "save the teacher")
         if not self.args.should_save:
             return
         self.accelerator.unwrap_model(self.teacher_models[0]).save_pretrained(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .learning_teacher_config import LearningTeacherTrainingArguments
+from .validation import check_finite, check_integer
 
 
 @dataclass
@@ -33,8 +34,7 @@ class QuizDistillTrainingArguments(LearningTeacherTrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.quiz_split < 1.0:
-            raise ValueError(f"quiz_split must be in (0, 1), got {self.quiz_split}.")
-        if self.quiz_batch_size is not None and self.quiz_batch_size < 1:
-            raise ValueError(f"quiz_batch_size must be >= 1, got {self.quiz_batch_size}.")
+        check_finite("quiz_split", self.quiz_split, 0, 1, low_open=True, high_open=True)
+        if self.quiz_batch_size is not None:
+            self.quiz_batch_size = check_integer("quiz_batch_size", self.quiz_batch_size, 1)
         super().__post_init__()

@@ -11,8 +11,9 @@ from torch import nn
 from torch.func import functional_call
 
 from .data import ROW_ID, dataset_columns
+from .label_checks import check_not_empty, find_label_column
 from .learning_teacher_trainer import LearningTeacherTrainer
-from .quiz import quiz_indices, split_quiz
+from .quiz import labelled_quiz, quiz_indices, split_quiz
 from .quiz_config import QuizDistillTrainingArguments
 from .teacher import all_reduce_mean, zeros_for_missing
 
@@ -38,6 +39,7 @@ class QuizDistillTrainer(LearningTeacherTrainer):
         **kwargs: Any,
     ) -> None:
         self.quiz_from_train = quiz_dataset is None
+        check_not_empty(train_dataset, "training set (train_dataset)", "Pass a dataset with rows.")
         if train_dataset is not None and hasattr(train_dataset, "add_column"):
             if ROW_ID not in dataset_columns(train_dataset):
                 # Row ids name the samples in per-sample records; added before the quiz split so that they
@@ -49,10 +51,19 @@ class QuizDistillTrainer(LearningTeacherTrainer):
                     "Carving quiz data out of train_dataset needs a datasets.Dataset; pass quiz_dataset= "
                     "explicitly for other dataset types."
                 )
-            train_dataset, quiz_dataset = split_quiz(
-                train_dataset, getattr(args, "quiz_split", 0.1), seed=getattr(args, "seed", 42)
+            label_column = find_label_column(
+                dataset_columns(train_dataset), getattr(args, "label_names", None) or ()
             )
-        if quiz_dataset is not None and quiz_dataset is eval_dataset:
+            train_dataset, quiz_dataset = split_quiz(
+                train_dataset,
+                getattr(args, "quiz_split", 0.1),
+                label_column=label_column or "label",
+                seed=getattr(args, "seed", 42),
+            )
+        is_eval = quiz_dataset is not None and quiz_dataset is eval_dataset
+        if quiz_dataset is not None:
+            quiz_dataset = labelled_quiz(quiz_dataset, getattr(args, "label_names", None))
+        if is_eval:
             logger.warning(
                 "The evaluation set is also the quiz set: the teacher learns from the student's loss on it, so "
                 "evaluation scores are no longer clean estimates. Hold out quiz data from training instead."
@@ -105,8 +116,12 @@ class QuizDistillTrainer(LearningTeacherTrainer):
         finally:
             student.train(was_training)
         loss = loss_of(outputs)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return loss.detach(), all_reduce_mean(zeros_for_missing(grads, leaves))
+        grads = all_reduce_mean(
+            zeros_for_missing(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)
+        )
+        self.nonfinite.watch("quiz loss", loss, "student")
+        self.nonfinite.watch_all("quiz gradient", grads, "student")
+        return loss.detach(), grads
 
     def _card_hyperparameters(self) -> dict[str, Any]:
         values = super()._card_hyperparameters()

@@ -195,6 +195,8 @@ class RepresentationTerm:
             return
 
         def prepare_gradients(*_: Any) -> None:
+            if all(p.grad is None for p in params):
+                return  # a step skipped for non-finite values (on every rank alike): AdamW skips them too
             # The heads are not in the student's DDP wrapper nor in Trainer's gradient clipping.
             average_gradients_across_processes(params)
             if max_grad_norm and max_grad_norm > 0:

@@ -28,6 +28,10 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
+from .checksums import MANIFEST_NAME, CheckpointIntegrityError, read_manifest, verify_manifest, write_manifest
+from .master_weights import MasterWeightsAdamW, has_half_precision
+from .nonfinite import check_finite_weights
+
 logger = logging.getLogger(__name__)
 
 SEQUENCE_CLASSIFICATION = "sequence_classification"
@@ -282,11 +286,14 @@ def create_teacher_optimizer(
     decay_parameter_names: set[str] | list[str],
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fp32_master_weights: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over the teacher's trainable parameters, without weight decay on biases and norms (as Trainer).
 
     torch's fused kernel where the parameters' device and dtype have one (Trainer's default for the student,
-    ``adamw_torch_fused``): on CPU the unfused step of a 22M-parameter teacher takes about 7× longer.
+    ``adamw_torch_fused``): on CPU the unfused step of a 22M-parameter teacher takes about 7× longer. With
+    ``fp32_master_weights`` and half-precision trainable parameters, a `MasterWeightsAdamW` that steps float32
+    copies of them (a pure-bf16 AdamW rounds most of the teacher's small updates away).
     """
     decay_names = set(decay_parameter_names)
     params = trainable_parameters(teacher)
@@ -295,10 +302,15 @@ def create_teacher_optimizer(
         {"params": [p for n, p in params.items() if n not in decay_names], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    optimizer_class = (
+        MasterWeightsAdamW
+        if fp32_master_weights and has_half_precision(params.values())
+        else torch.optim.AdamW
+    )
     try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
+        return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+        return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps)
 
 
 def is_distributed() -> bool:
@@ -357,8 +369,9 @@ def save_teacher_state(
     """Write the teacher's trainable weights (safetensors), optimizer and scheduler into ``checkpoint_dir/teacher``.
 
     Written to a temporary folder that is renamed at the end, so a crash never leaves a half-written
-    teacher that a resume would trust.
+    teacher that a resume would trust; ``manifest.json`` records each file's size and SHA-256.
     """
+    check_finite_weights(teacher, "teacher", "write the teacher into a checkpoint")
     target = Path(checkpoint_dir) / TEACHER_CHECKPOINT_DIR
     staging = Path(checkpoint_dir) / f".{TEACHER_CHECKPOINT_DIR}.tmp"
     if staging.exists():
@@ -372,6 +385,7 @@ def save_teacher_state(
         torch.save(optimizer.state_dict(), staging / TEACHER_OPTIMIZER_NAME)
     if scheduler is not None:
         torch.save(scheduler.state_dict(), staging / TEACHER_SCHEDULER_NAME)
+    write_manifest(staging)  # verified before a resume trusts these files
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
@@ -390,10 +404,66 @@ def teacher_state_dir(checkpoint_dir: str | os.PathLike) -> Path:
     return folder
 
 
-def load_teacher_weights(checkpoint_dir: str | os.PathLike, teacher: nn.Module) -> None:
-    """Restore the teacher's trainable weights from a checkpoint written by `save_teacher_state`."""
+def check_teacher_checkpoint(checkpoint_dir: str | os.PathLike, allow_partial: bool = False) -> Path:
+    """The checkpoint's teacher folder, once its files are known to be complete and unaltered.
+
+    Every file must match the SHA-256 recorded when it was written (a checkpoint from before manifests is
+    resumed with a warning). A folder that lost the teacher's optimizer or schedule (listed in its manifest,
+    or, without a manifest, absent) is refused, since resuming would silently restart the teacher's AdamW
+    moments or its learning-rate schedule, unless ``allow_partial`` (then with a warning).
+    """
     folder = teacher_state_dir(checkpoint_dir)
-    saved = load_file(str(folder / TEACHER_WEIGHTS_NAME))
+    # A missing optimizer or schedule gets the specific message below, with its opt-out.
+    verify_manifest(folder, absent_ok={TEACHER_OPTIMIZER_NAME, TEACHER_SCHEDULER_NAME})
+    manifest = read_manifest(folder)
+    if manifest is None:
+        logger.warning(
+            "The teacher state in %s has no %s (written by hf_distill before checksums were recorded): its files "
+            "cannot be verified and are resumed as they are.",
+            folder,
+            MANIFEST_NAME,
+        )
+    # What the manifest lists was written and must be there (a state saved without a scheduler lists none);
+    # a checkpoint from before manifests must hold both.
+    expected = [
+        n for n in (TEACHER_OPTIMIZER_NAME, TEACHER_SCHEDULER_NAME) if manifest is None or n in manifest
+    ]
+    missing = [n for n in expected if not (folder / n).is_file()]
+    if missing and not allow_partial:
+        raise CheckpointIntegrityError(
+            f"The teacher state in {folder} has no {' or '.join(missing)}: resuming would restart the teacher's "
+            "optimizer (AdamW moments) and/or its learning-rate schedule from the start. Resume from a complete "
+            "checkpoint, or set allow_partial_teacher_checkpoint=True to resume with a fresh teacher optimizer or "
+            "schedule on purpose."
+        )
+    if missing:
+        logger.warning(
+            "allow_partial_teacher_checkpoint=True: resuming without the teacher's %s from %s; the teacher's "
+            "optimizer and/or schedule start afresh.",
+            " and ".join(missing),
+            folder,
+        )
+    return folder
+
+
+def _load_checkpoint_file(path: Path, load: Any) -> Any:
+    """``load(path)``, with a message naming the file when it cannot be read (truncated, overwritten)."""
+    try:
+        return load(path)
+    except Exception as err:  # safetensors and torch.load raise many types for a damaged file
+        raise CheckpointIntegrityError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it was "
+            "damaged or truncated after the checkpoint was written. Resume from an earlier checkpoint."
+        ) from err
+
+
+def load_teacher_weights(
+    checkpoint_dir: str | os.PathLike, teacher: nn.Module, allow_partial: bool = False
+) -> None:
+    """Restore the teacher's trainable weights from a checkpoint written by `save_teacher_state`, after
+    `check_teacher_checkpoint` has verified its files."""
+    folder = check_teacher_checkpoint(checkpoint_dir, allow_partial)
+    saved = _load_checkpoint_file(folder / TEACHER_WEIGHTS_NAME, lambda p: load_file(str(p)))
     params = trainable_parameters(unwrap_model(teacher))
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:
@@ -409,11 +479,18 @@ def load_teacher_weights(checkpoint_dir: str | os.PathLike, teacher: nn.Module) 
 def load_teacher_optimizer_state(
     checkpoint_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, scheduler: Any | None
 ) -> None:
+    """Restore what the checkpoint holds of the teacher's optimizer and scheduler (checked complete, or
+    allowed partial, by `check_teacher_checkpoint` when the weights were loaded)."""
     folder = teacher_state_dir(checkpoint_dir)
     device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
     if (folder / TEACHER_OPTIMIZER_NAME).is_file():
         optimizer.load_state_dict(
-            torch.load(folder / TEACHER_OPTIMIZER_NAME, map_location=device, weights_only=True)
+            _load_checkpoint_file(
+                folder / TEACHER_OPTIMIZER_NAME,
+                lambda p: torch.load(p, map_location=device, weights_only=True),
+            )
         )
     if scheduler is not None and (folder / TEACHER_SCHEDULER_NAME).is_file():
-        scheduler.load_state_dict(torch.load(folder / TEACHER_SCHEDULER_NAME, weights_only=True))
+        scheduler.load_state_dict(
+            _load_checkpoint_file(folder / TEACHER_SCHEDULER_NAME, lambda p: torch.load(p, weights_only=True))
+        )

@@ -476,11 +476,11 @@ def test_causal_lm_distils_shifted_positions(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"alpha": 1.5}, "alpha must be in \\[0, 1\\]"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+        ({"alpha": 1.5}, "alpha must be a finite number in \\[0, 1\\]"),
         ({"distill_loss": "cosine"}, "distill_loss='cosine' is unknown"),
-        ({"jsd_beta": -0.1}, "jsd_beta must be in"),
-        ({"teacher_weights": [1.0, -1.0]}, "non-negative"),
+        ({"jsd_beta": -0.1}, "jsd_beta must be a finite number in"),
+        ({"teacher_weights": [1.0, -1.0]}, "teacher_weights\\[1\\] must be a finite number >= 0"),
         ({"teacher_model_init_kwargs": "{not json"}, "not valid JSON"),
     ],
 )

@@ -309,11 +309,11 @@ def test_eval_set_as_quiz_is_explicit_and_warned(tmp_path, tokenizer, caplog):
     ("overrides", "message"),
     [
         ({"influence_mode": "approx"}, "influence_mode='approx' is unknown"),
-        ({"fd_radius": 0.0}, "fd_radius must be > 0"),
+        ({"fd_radius": 0.0}, "fd_radius must be a finite number > 0"),
         ({"influence_loss": "ce"}, "influence_loss='ce' is unknown"),
         ({"lookahead": "adam"}, "lookahead='adam' is unknown"),
-        ({"influence_scale": -1.0}, "influence_scale must be >= 0"),
-        ({"quiz_split": 0.0}, "quiz_split must be in"),
+        ({"influence_scale": -1.0}, "influence_scale must be a finite number >= 0"),
+        ({"quiz_split": 0.0}, "quiz_split must be a finite number in"),
         ({"influence_loss": "student_kl", "distill_loss": "dist"}, "per-sample distillation loss"),
         ({"lgtm_student_targets": "old"}, "lgtm_student_targets='old' is unknown"),
         (

@@ -367,12 +367,12 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"pilot_learning_rate": 0.0}, "pilot_learning_rate must be > 0"),
+        ({"pilot_learning_rate": 0.0}, "pilot_learning_rate must be a finite number > 0"),
         ({"meta_every": 0}, "meta_every must be an integer >= 1"),
         ({"meta_every": 1.5}, "meta_every must be an integer >= 1"),
-        ({"teacher_task_weight": -0.1}, "teacher_task_weight must be >= 0"),
+        ({"teacher_task_weight": -0.1}, "teacher_task_weight must be a finite number >= 0"),
         ({"alpha": 0.0}, "Set alpha > 0"),
-        ({"quiz_split": 1.0}, "quiz_split must be in"),
+        ({"quiz_split": 1.0}, "quiz_split must be a finite number in"),
         (
             {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}},
             "'use_reentrant': False",

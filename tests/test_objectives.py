@@ -727,3 +727,15 @@ def test_online_teacher_loss_treats_the_student_as_a_constant_target():
     regression, mse = online_teacher_loss(torch.ones(4, 1), torch.zeros(4, 1), 0.5, regression=True)
     assert_close(mse, torch.tensor(1.0))
     assert_close(regression, torch.tensor(0.5))  # no task loss given: α_t · mse only
+
+
+def test_labelled_cross_entropy_ignores_minus_100_and_never_divides_by_zero():
+    from hf_distill.objectives import labelled_cross_entropy
+
+    logits = torch.randn(5, 3, requires_grad=True)
+    labels = torch.tensor([0, -100, 2, 1, -100])
+    kept = labels != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], labels[kept])
+    torch.testing.assert_close(labelled_cross_entropy(logits, labels), expected)
+    none = labelled_cross_entropy(logits, torch.full((5,), -100))
+    assert none.item() == 0.0 and none.requires_grad

@@ -151,6 +151,7 @@ def test_resumed_run_matches_the_uninterrupted_run(runs):
 def test_killed_runs_checkpoint_matches_the_uninterrupted_runs(runs):
     teacher_dir = runs["checkpoint"] / "teacher"
     assert sorted(p.name for p in teacher_dir.iterdir()) == [
+        "manifest.json",
         "optimizer.pt",
         "scheduler.pt",
         "trainable.safetensors",

@@ -321,8 +321,8 @@ def test_save_teacher_writes_reloadable_teacher_with_tokenizer(tmp_path, tokeniz
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"teacher_learning_rate": 0.0}, "teacher_learning_rate must be > 0"),
-        ({"teacher_alpha": 1.2}, "teacher_alpha must be in \\[0, 1\\]"),
+        ({"teacher_learning_rate": 0.0}, "teacher_learning_rate must be a finite number > 0"),
+        ({"teacher_alpha": 1.2}, "teacher_alpha must be a finite number in \\[0, 1\\]"),
         ({"teacher_warmup_ratio": 1.0}, "teacher_warmup_ratio"),
         ({"teacher_lr_scheduler_type": "sawtooth"}, "teacher_lr_scheduler_type='sawtooth' is unknown"),
         ({"teacher_max_grad_norm": -1.0}, "teacher_max_grad_norm"),

@@ -350,7 +350,7 @@ def test_teacher_updating_trainers_accept_the_options(tmp_path, tokenizer, kind)
         ({"hidden_loss": "l1"}, "hidden_loss='l1' is unknown"),
         ({"attention_loss": "js"}, "attention_loss='js' is unknown"),
         ({"crd_pooling": "tokens"}, "crd_pooling='tokens' is unknown"),
-        ({"crd_temperature": 0.0}, "crd_temperature must be > 0"),
+        ({"crd_temperature": 0.0}, "crd_temperature must be a finite number > 0"),
         ({"crd_dim": 0}, "crd_dim must be"),
         ({"crd_num_negatives": -3}, "crd_num_negatives must be"),
         ({"hidden_layer_map": "{1: 2"}, "neither a preset"),

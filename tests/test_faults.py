@@ -1,0 +1,551 @@
+"""Fault injection: every fault and bad input of docs/reliability.md, each with the outcome it must get."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import TINY_RUN, keyword_dataset, tiny_classifier, tiny_run_args
+from transformers import BertForSequenceClassification, TrainerCallback
+
+from hf_distill import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    LGTMTrainer,
+    LGTMTrainingArguments,
+    MetaDistillTrainer,
+    MetaDistillTrainingArguments,
+    OnlineDistillTrainer,
+    OnlineDistillTrainingArguments,
+)
+from hf_distill.checksums import CheckpointIntegrityError
+from hf_distill.master_weights import MasterWeightsAdamW
+from hf_distill.model_card import usage_lines
+from hf_distill.nonfinite import NonFiniteError, first_nonfinite_parameter
+from hf_distill.quiz import split_quiz
+from hf_distill.teacher import save_teacher_state
+
+# ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
+
+
+@pytest.mark.parametrize(
+    ("args_class", "name", "value", "valid"),
+    [
+        (DistillationTrainingArguments, "temperature", math.inf, "> 0"),
+        (DistillationTrainingArguments, "temperature", math.nan, "> 0"),
+        (DistillationTrainingArguments, "alpha", math.nan, "in [0, 1]"),
+        (DistillationTrainingArguments, "jsd_beta", math.nan, "in [0, 1]"),
+        (DistillationTrainingArguments, "dist_intra_weight", math.inf, ">= 0"),
+        (DistillationTrainingArguments, "crd_temperature", math.inf, "> 0"),
+        (DistillationTrainingArguments, "hidden_distill_weight", math.nan, ">= 0"),
+        (DistillationTrainingArguments, "learning_rate", math.inf, ">= 0"),
+        (DistillationTrainingArguments, "max_grad_norm", math.nan, ">= 0"),
+        (OnlineDistillTrainingArguments, "teacher_learning_rate", math.inf, "> 0"),
+        (OnlineDistillTrainingArguments, "teacher_max_grad_norm", math.nan, ">= 0"),
+        (OnlineDistillTrainingArguments, "teacher_weight_decay", math.inf, ">= 0"),
+        (OnlineDistillTrainingArguments, "teacher_warmup_ratio", math.nan, "in [0, 1)"),
+        (OnlineDistillTrainingArguments, "teacher_alpha", math.nan, "in [0, 1]"),
+        (MetaDistillTrainingArguments, "pilot_learning_rate", math.inf, "> 0"),
+        (MetaDistillTrainingArguments, "teacher_task_weight", math.inf, ">= 0"),
+        (MetaDistillTrainingArguments, "quiz_split", math.nan, "in (0, 1)"),
+        (LGTMTrainingArguments, "fd_radius", math.inf, "> 0"),
+        (LGTMTrainingArguments, "influence_scale", math.nan, ">= 0"),
+        (LGTMTrainingArguments, "influence_scale", math.inf, ">= 0"),
+    ],
+)
+def test_non_finite_arguments_are_refused_with_their_range(tmp_path, args_class, name, value, valid):
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be a finite number {valid}, got")):
+        tiny_run_args(args_class, tmp_path, **{name: value})
+
+
+def test_teacher_weights_must_be_finite(tmp_path):
+    with pytest.raises(ValueError, match=r"teacher_weights\[1\] must be a finite number >= 0, got inf"):
+        tiny_run_args(DistillationTrainingArguments, tmp_path, teacher_weights=[1.0, math.inf])
+
+
+# ----- what leaves the machine ---------------------------------------------------------------------------------
+
+SECRET = "hf_abcdefSECRET123"
+
+
+def _files_containing(folder: Path, needle: str) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def test_a_token_in_teacher_model_init_kwargs_is_in_no_saved_file(tmp_path, tokenizer):
+    args = tiny_run_args(
+        DistillationTrainingArguments,
+        tmp_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        teacher_model_init_kwargs={"token": SECRET},
+    )
+    trainer = DistillationTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=args,
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "training_args.bin").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "training_args.bin").is_file()
+    assert _files_containing(tmp_path, SECRET) == []
+    assert trainer.args.teacher_model_init_kwargs["token"] == SECRET
+
+
+def test_a_lora_students_card_loads_it_with_peft_on_the_named_base(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    tiny_classifier(1, seed=2).save_pretrained(base_dir)
+    base = BertForSequenceClassification.from_pretrained(base_dir)
+    student = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_classifier(2, seed=1),
+        args=tiny_run_args(DistillationTrainingArguments, tmp_path, max_steps=1),
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    adapter_dir = tmp_path / "adapter"
+    trainer.save_model(str(adapter_dir))
+    card = (adapter_dir / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in card and "standard `transformers` model" not in card
+    # The snippet, pointed at the local base and adapter folders, gives the trained student.
+    run = dataclasses.replace(
+        trainer._distillation_run(model_name="adapter"), base_model=str(base_dir), repo_id=str(adapter_dir)
+    )
+    code = "\n".join(usage_lines(run)).split("```python\n")[1].split("```")[0]
+    assert f'from_pretrained("{base_dir}")' in code
+    namespace: dict = {}
+    exec(code, namespace)
+    batch = tokenizer(["w7 w9 w11"], return_tensors="pt")
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"](**batch).logits, student(**batch).logits)
+
+
+# ----- checkpoints whose teacher state is missing or damaged ---------------------------------------------------
+
+
+def _online_trainer(output: Path, tokenizer, **overrides) -> OnlineDistillTrainer:
+    args = OnlineDistillTrainingArguments(
+        **{
+            **dict(TINY_RUN, output_dir=str(output), max_steps=4, teacher_warmup_ratio=0.5),
+            "save_strategy": "steps",
+            "save_steps": 2,
+            **overrides,
+        }
+    )
+    return OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=args,
+        train_dataset=keyword_dataset(32),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.fixture(scope="module")
+def online_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    output = tmp_path_factory.mktemp("online_run")
+    _online_trainer(output, tokenizer).train()
+    return output / "checkpoint-2"
+
+
+@pytest.fixture
+def checkpoint_copy(online_checkpoint, tmp_path) -> Path:
+    target = tmp_path / "checkpoint-2"
+    shutil.copytree(online_checkpoint, target)
+    return target
+
+
+def _resume(checkpoint: Path, tokenizer, **overrides) -> OnlineDistillTrainer:
+    trainer = _online_trainer(checkpoint.parent / "resumed", tokenizer, **overrides)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt"])
+def test_a_checkpoint_without_the_teachers_optimizer_or_schedule_is_refused(checkpoint_copy, tokenizer, name):
+    (checkpoint_copy / "teacher" / name).unlink()
+    with pytest.raises(
+        CheckpointIntegrityError, match=rf"has no {name}.*allow_partial_teacher_checkpoint=True"
+    ):
+        _resume(checkpoint_copy, tokenizer)
+
+
+def test_allow_partial_teacher_checkpoint_resumes_with_a_warning(checkpoint_copy, tokenizer, caplog):
+    (checkpoint_copy / "teacher" / "scheduler.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
+        trainer = _resume(checkpoint_copy, tokenizer, allow_partial_teacher_checkpoint=True)
+    assert "without the teacher's scheduler.pt" in caplog.text
+    assert trainer.state.global_step == 4
+
+
+def test_zeros_over_half_the_teachers_weights_are_refused(checkpoint_copy, tokenizer):
+    weights = checkpoint_copy / "teacher" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointIntegrityError, match=r"trainable\.safetensors does not match the SHA-256"):
+        _resume(checkpoint_copy, tokenizer)
+
+
+def test_a_truncated_teacher_file_gets_our_message_naming_it(checkpoint_copy, tokenizer):
+    weights = checkpoint_copy / "teacher" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(
+        CheckpointIntegrityError, match=r"trainable\.safetensors has 1000 bytes but was written"
+    ):
+        _resume(checkpoint_copy, tokenizer)
+    # A checkpoint from before manifests: the loader's failure is still reported with the file's name.
+    (checkpoint_copy / "teacher" / "manifest.json").unlink()
+    with pytest.raises(CheckpointIntegrityError, match=r"trainable\.safetensors cannot be read"):
+        _resume(checkpoint_copy, tokenizer)
+
+
+def test_a_checkpoint_from_before_manifests_resumes_with_a_warning(checkpoint_copy, tokenizer, caplog):
+    (checkpoint_copy / "teacher" / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
+        trainer = _resume(checkpoint_copy, tokenizer)
+    assert "cannot be verified" in caplog.text and trainer.state.global_step == 4
+
+
+# ----- data the quiz-driven trainers choke on ------------------------------------------------------------------
+
+
+def _quiz_trainer(trainer_class, tmp_path, tokenizer, train_dataset, **kwargs):
+    args_class = LGTMTrainingArguments if trainer_class is LGTMTrainer else MetaDistillTrainingArguments
+    args = tiny_run_args(args_class, tmp_path, quiz_split=0.25, **kwargs.pop("args", {}))
+    return trainer_class(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
+def _with_labels(dataset: datasets.Dataset, labels: list[int]) -> datasets.Dataset:
+    return dataset.remove_columns("label").add_column("label", labels)
+
+
+def test_lgtm_ignores_rows_labelled_minus_100(tmp_path, tokenizer):
+    data = keyword_dataset(48)
+    labels = [-100 if i % 5 == 0 else label for i, label in enumerate(data["label"])]
+    trainer = _quiz_trainer(
+        LGTMTrainer,
+        tmp_path,
+        tokenizer,
+        _with_labels(data, labels),
+        args={"max_steps": 3, "max_grad_norm": 0},
+    )
+    assert -100 not in trainer.quiz_dataset["label"]  # quiz rows without a label teach nothing: left out
+    trainer.train()
+    record = trainer.latest_influence
+    ignored = torch.tensor([labels[i] == -100 for i in record["idx"].tolist()])
+    assert ignored.any()
+    assert torch.isnan(record["student_gold_prob"][ignored]).all()
+    assert torch.isfinite(record["student_gold_prob"][~ignored]).all()
+    assert torch.isfinite(record["influence"]).all()
+    for p in trainer.teacher_model.parameters():
+        assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("trainer_class", [LGTMTrainer, MetaDistillTrainer])
+def test_quiz_trainers_without_labels_are_refused_when_built(tmp_path, tokenizer, trainer_class):
+    unlabelled = keyword_dataset(32).remove_columns("label")
+    with pytest.raises(
+        ValueError, match=r"quiz data has no label column.*give quiz_dataset .*'label' column"
+    ):
+        _quiz_trainer(
+            trainer_class,
+            tmp_path,
+            tokenizer,
+            unlabelled,
+            args={"alpha": 1.0, **({"teacher_alpha": 1.0} if trainer_class is LGTMTrainer else {})},
+        )
+    with pytest.raises(ValueError, match=r"quiz data has no label column"):
+        _quiz_trainer(trainer_class, tmp_path, tokenizer, keyword_dataset(32), quiz_dataset=unlabelled)
+
+
+def test_lgtm_with_a_labelled_quiz_but_unlabelled_training_data_is_refused(tmp_path, tokenizer):
+    unlabelled = keyword_dataset(32).remove_columns("label")
+    with pytest.raises(ValueError, match=r"LGTMTrainer needs labels in train_dataset"):
+        _quiz_trainer(
+            LGTMTrainer,
+            tmp_path,
+            tokenizer,
+            unlabelled,
+            quiz_dataset=keyword_dataset(8),
+            args={"alpha": 1.0, "teacher_alpha": 1.0},
+        )
+
+
+@pytest.mark.parametrize("trainer_class", [LGTMTrainer, MetaDistillTrainer])
+def test_empty_training_or_quiz_sets_are_refused_when_built(tmp_path, tokenizer, trainer_class):
+    empty = keyword_dataset(4).select([])
+    with pytest.raises(ValueError, match=r"The training set \(train_dataset\) is empty"):
+        _quiz_trainer(trainer_class, tmp_path, tokenizer, empty)
+    with pytest.raises(ValueError, match=r"The quiz set \(quiz_dataset\) is empty"):
+        _quiz_trainer(trainer_class, tmp_path, tokenizer, keyword_dataset(16), quiz_dataset=empty)
+
+
+def test_an_empty_training_set_is_refused_by_every_trainer(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"The training set \(train_dataset\) is empty"):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(DistillationTrainingArguments, tmp_path),
+            train_dataset=keyword_dataset(4).select([]),
+        )
+
+
+@pytest.mark.parametrize("column", ["label", "labels"])
+def test_labels_outside_the_classes_are_named_when_built(tmp_path, tokenizer, column):
+    data = keyword_dataset(40)
+    labels = list(data["label"])
+    labels[17] = 2
+    data = data.remove_columns("label").add_column(column, labels)
+    with pytest.raises(ValueError, match=rf"'{column}' column holds 2 at row 17 .*outside \[0, 2\)"):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(DistillationTrainingArguments, tmp_path),
+            train_dataset=data,
+        )
+    with pytest.raises(ValueError, match=r"evaluation data's 'label' column holds -3 at row 0"):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(DistillationTrainingArguments, tmp_path),
+            train_dataset=keyword_dataset(8),
+            eval_dataset=_with_labels(keyword_dataset(4), [-3, 0, 1, 0]),
+        )
+
+
+def test_quiz_split_stratifies_the_trainers_label_column(tmp_path, tokenizer):
+    # 40 rows, a class of 3: every seed must give it a quiz row, whichever column holds the labels.
+    labels = [2 if i < 3 else i % 2 for i in range(40)]
+    data = keyword_dataset(40).remove_columns("label").add_column("labels", labels)
+    for seed in range(10):
+        _, quiz = split_quiz(data, 0.1, label_column="labels", seed=seed)
+        assert 2 in quiz["labels"], seed
+    trainer = LGTMTrainer(
+        model=tiny_classifier(1, seed=2, num_labels=3),
+        teacher_model=tiny_classifier(2, seed=1, num_labels=3),
+        args=tiny_run_args(LGTMTrainingArguments, tmp_path, quiz_split=0.1),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    assert 2 in trainer.quiz_dataset["labels"]
+
+
+# ----- a bf16 teacher that learns --------------------------------------------------------------------------------
+
+
+def _teacher_update(tmp_path, tokenizer, dtype, master: bool = True, **overrides):
+    teacher = tiny_classifier(2, seed=1).to(dtype)
+    start = [p.detach().float().clone() for p in teacher.parameters()]
+    args = tiny_run_args(
+        OnlineDistillTrainingArguments,
+        tmp_path,
+        **{"max_steps": 10, "teacher_fp32_master_weights": master, **overrides},
+    )
+    trainer = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=keyword_dataset(160),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    params = list(trainer.teacher_model.parameters())
+    optimizer = trainer.teacher_optimizer
+    weights = optimizer.float32_weights(params) if isinstance(optimizer, MasterWeightsAdamW) else params
+    update = torch.cat([(w.detach().float() - s).flatten() for w, s in zip(weights, start, strict=True)])
+    return trainer, update
+
+
+def test_a_bf16_teachers_update_follows_the_fp32_one(tmp_path, tokenizer):
+    _, reference = _teacher_update(tmp_path / "fp32", tokenizer, torch.float32)
+    trainer, update = _teacher_update(tmp_path / "bf16", tokenizer, torch.bfloat16)
+    assert isinstance(trainer.teacher_optimizer, MasterWeightsAdamW)
+    # The same elements move (~90% of them), along the fp32 trajectory up to bf16 forward/backward noise.
+    assert (update != 0).float().mean() == pytest.approx((reference != 0).float().mean().item(), abs=0.01)
+    assert ((update - reference).norm() / reference.norm()).item() < 0.2
+    # The model holds the master weights rounded to bf16.
+    params = list(trainer.teacher_model.parameters())
+    for p, w in zip(params, trainer.teacher_optimizer.float32_weights(params), strict=True):
+        assert torch.equal(p, w.to(torch.bfloat16))
+    # Without master weights, AdamW on the bf16 weights rounds most updates away.
+    _, pure = _teacher_update(tmp_path / "pure", tokenizer, torch.bfloat16, master=False)
+    assert ((pure - reference).norm() / reference.norm()).item() > 0.5
+
+
+def test_a_bf16_teachers_master_weights_resume_exactly(tmp_path, tokenizer):
+    straight, _ = _teacher_update(tmp_path / "straight", tokenizer, torch.bfloat16, max_steps=4)
+    _teacher_update(
+        tmp_path / "first", tokenizer, torch.bfloat16, max_steps=4, save_strategy="steps", save_steps=2
+    )
+    teacher = tiny_classifier(2, seed=1).to(torch.bfloat16)
+    resumed = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=teacher,
+        args=tiny_run_args(OnlineDistillTrainingArguments, tmp_path / "resumed", max_steps=4),
+        train_dataset=keyword_dataset(160),
+        processing_class=tokenizer,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-2"))
+    mine, theirs = list(resumed.teacher_model.parameters()), list(straight.teacher_model.parameters())
+    for a, b in zip(
+        resumed.teacher_optimizer.float32_weights(mine),
+        straight.teacher_optimizer.float32_weights(theirs),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ----- non-finite values ---------------------------------------------------------------------------------------
+
+TRAINERS = {
+    "kd": (DistillationTrainer, DistillationTrainingArguments),
+    "online": (OnlineDistillTrainer, OnlineDistillTrainingArguments),
+    "meta": (MetaDistillTrainer, MetaDistillTrainingArguments),
+    "lgtm": (LGTMTrainer, LGTMTrainingArguments),
+}
+
+
+def _trainer(method: str, tmp_path, tokenizer, teacher=None, student=None, **overrides):
+    trainer_class, args_class = TRAINERS[method]
+    extra = {"quiz_split": 0.25} if method in ("meta", "lgtm") else {}
+    return trainer_class(
+        model=student if student is not None else tiny_classifier(1, seed=2),
+        teacher_model=teacher if teacher is not None else tiny_classifier(2, seed=1),
+        args=tiny_run_args(args_class, tmp_path, **{"max_steps": 4, **extra, **overrides}),
+        train_dataset=keyword_dataset(64),
+        processing_class=tokenizer,
+    )
+
+
+def _poison(module: torch.nn.Module, when) -> None:
+    """Make ``module``'s output NaN whenever ``when()`` holds (a fault injected into one forward)."""
+    module.register_forward_hook(lambda _, __, output: output * math.nan if when() else output)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", list(TRAINERS))
+def test_a_teacher_with_one_nan_weight_is_refused_when_built(tmp_path, tokenizer, method):
+    teacher = tiny_classifier(2, seed=1)
+    with torch.no_grad():
+        teacher.classifier.weight[0, 3] = math.nan
+    with pytest.raises(
+        NonFiniteError, match=r"teacher's weights hold NaN values \(first in classifier\.weight\)"
+    ):
+        _trainer(method, tmp_path, tokenizer, teacher=teacher)
+
+
+def test_a_learning_rate_that_overflows_stops_with_the_step_and_the_weight(tmp_path, tokenizer):
+    trainer = _trainer("kd", tmp_path, tokenizer, learning_rate=1e38, max_grad_norm=0)
+    with pytest.raises(
+        NonFiniteError, match=r"at optimisation step 2.*; the student's weights hold (NaN|infinite)"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("method", ["online", "lgtm"])
+def test_a_teacher_update_that_overflows_stops_naming_the_teacher(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer, teacher_learning_rate=1e38, teacher_max_grad_norm=0)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"The teacher's (logits|gradient) (is|are) (NaN|infinite) at optimisation step [12]",
+    ):
+        trainer.train()
+
+
+@pytest.mark.parametrize("method", list(TRAINERS))
+def test_nan_teacher_logits_stop_training_by_default(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer)
+    _poison(trainer.teacher_models[0].classifier, lambda: trainer.state.global_step == 2)
+    with pytest.raises(
+        NonFiniteError, match=r"NaN at optimisation step 3.*; the teacher's weights are all finite"
+    ):
+        trainer.train()
+    for model in (trainer.model, trainer.teacher_models[0]):
+        assert first_nonfinite_parameter(model) is None  # nothing was updated with it
+
+
+@pytest.mark.parametrize("method", list(TRAINERS))
+def test_skip_leaves_both_models_untouched_for_that_step_and_counts_it(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer, nonfinite="skip")
+    snapshots = {}
+
+    class Snapshots(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = (_snapshot(trainer.model), _snapshot(trainer.teacher_models[0]))
+
+    trainer.add_callback(Snapshots())
+    _poison(trainer.teacher_models[0].classifier, lambda: trainer.state.global_step == 1)
+    trainer.train()
+    student_after, teacher_after = _snapshot(trainer.model), _snapshot(trainer.teacher_models[0])
+    for step, (student, teacher) in snapshots.items():
+        later = snapshots.get(step + 1, (student_after, teacher_after))
+        moved = [not torch.equal(student[n], later[0][n]) for n in student]
+        if step == 1:  # the poisoned step: neither model changed
+            assert not any(moved)
+            assert all(torch.equal(teacher[n], later[1][n]) for n in teacher)
+        else:
+            assert any(moved)
+    logged = [entry["nonfinite_skipped_steps"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [0, 1, 1, 1]
+    trainer.save_model(str(tmp_path / "saved"))  # finite: saved
+
+
+def test_skip_stops_after_too_many_steps_in_a_row(tmp_path, tokenizer):
+    trainer = _trainer("online", tmp_path, tokenizer, nonfinite="skip", max_consecutive_nonfinite_skips=2)
+    _poison(trainer.teacher_models[0].classifier, lambda: True)
+    with pytest.raises(NonFiniteError, match=r"3 optimisation steps in a row"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("method", ["meta", "lgtm"])
+def test_a_nan_quiz_loss_is_named(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer)
+    student = trainer.model
+    # The quiz passes run the student without dropout (eval mode): poison only those.
+    _poison(student.classifier, lambda: not student.training)
+    with pytest.raises(NonFiniteError, match=r"The quiz loss is NaN at optimisation step 1"):
+        trainer.train()
+
+
+def test_non_finite_weights_are_never_written(tmp_path, tokenizer):
+    trainer = _trainer("online", tmp_path, tokenizer)
+    with torch.no_grad():
+        trainer.model.classifier.bias[0] = math.inf
+        trainer.teacher_models[0].classifier.bias[1] = math.nan
+    with pytest.raises(NonFiniteError, match=r"Refusing to save the student: .*infinite .*classifier\.bias"):
+        trainer.save_model(str(tmp_path / "student"))
+    with pytest.raises(NonFiniteError, match=r"Refusing to push the student"):
+        trainer.push_to_hub()
+    with pytest.raises(NonFiniteError, match=r"Refusing to save the teacher: .*NaN"):
+        trainer.save_teacher(str(tmp_path / "teacher"))
+    with pytest.raises(NonFiniteError, match=r"Refusing to write the teacher into a checkpoint"):
+        save_teacher_state(tmp_path / "checkpoint", trainer.teacher_models[0], None, None)
+    assert not (tmp_path / "student").exists() and not (tmp_path / "checkpoint" / "teacher").exists()

@@ -82,7 +82,7 @@ from hf_distill.glue import (
     write_glue_predictions,
 )
 from hf_distill.metrics import majority_class_metrics, warn_if_collapsed
-from hf_distill.model_card import describe_teacher
+from hf_distill.model_sources import describe_teacher
 
 logger = logging.getLogger("run_glue_lgtm")
 

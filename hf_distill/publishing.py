@@ -20,17 +20,8 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
-from .model_card import (
-    LOCAL,
-    DistillationRun,
-    TeacherInfo,
-    build_model_card,
-    build_teacher_card,
-    dataset_name_and_tags,
-    describe_source,
-    describe_teacher,
-    final_eval_metrics,
-)
+from .model_card import DistillationRun, build_model_card, build_teacher_card, final_eval_metrics
+from .model_sources import LOCAL, TeacherInfo, dataset_name_and_tags, describe_source, describe_teacher
 from .nonfinite import check_finite_weights
 from .objectives import LOSS_SPECIFIC_SETTINGS, distill_loss_entry
 from .teacher import (

@@ -29,7 +29,7 @@ from hf_distill import (
     OnlineDistillTrainingArguments,
     glue_compute_metrics,
 )
-from hf_distill.model_card import TeacherInfo
+from hf_distill.model_sources import TeacherInfo
 from hf_distill.publishing import HUB_STAGING_DIR
 from hf_distill.teacher import load_teacher
 

@@ -184,7 +184,7 @@ def test_influence_grad_ratio_sets_the_influence_share_of_the_teacher_gradient(t
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["teacher_grad_norm_influence"] == pytest.approx(0.5 * log["teacher_grad_norm_aux"], rel=1e-4)
-    assert log["influence_scale"] > 1.0  # far above the teacher's learning rate (1e-3) on these models
+    assert log["influence_scale"] > 100 * 1e-3  # far above the teacher's learning rate on these models
 
 
 class PassCounter:

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 import transformers
 from transformers import (
     AutoModelForSequenceClassification,
@@ -314,10 +313,6 @@ def load_classifier(model_path: str, seed: int, num_layers: int | None = None) -
     return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, **extra)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def training_args(cls: type[TrainingArguments], output_dir: Path, **overrides: Any) -> TrainingArguments:
     """Arguments shared by the three runs: CPU, no checkpoints, no loggers, losses once per epoch."""
     common: dict[str, Any] = dict(
@@ -355,7 +350,7 @@ def train_and_evaluate(trainer: Trainer, name: str, layers: int) -> Result:
     seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
     print(f"=== {name}: validation accuracy {metrics['eval_accuracy']:.4f} ({seconds:.0f} s) ===", flush=True)
-    return Result(name, layers, count_parameters(trainer.model), metrics["eval_accuracy"], seconds)
+    return Result(name, layers, trainer.model.num_parameters(), metrics["eval_accuracy"], seconds)
 
 
 def tokenize_splits(

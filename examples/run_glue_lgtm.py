@@ -346,10 +346,6 @@ def zero_classifier(model: nn.Module) -> None:
             linears[-1].bias.zero_()
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ----- data --------------------------------------------------------------------------------------------------
 
 
@@ -584,7 +580,7 @@ def prepare_teacher(
             evaluate_model(teacher, data["eval"], task, training_args, collator) if data["eval"] else {}
         )
     info["layers"] = getattr(teacher.config, "num_hidden_layers", None)
-    info["params"] = count_parameters(teacher)
+    info["params"] = teacher.num_parameters()
     return teacher, info
 
 
@@ -778,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {
             "name": f"student ({method})",
             "layers": getattr(trainer.model.config, "num_hidden_layers", None),
-            "params": count_parameters(trainer.model),
+            "params": trainer.model.num_parameters(),
             "metrics": results.get("eval"),
             "seconds": train_seconds,
         }

@@ -28,7 +28,7 @@ from .data import (
     default_student_collator,
 )
 from .distillation_config import DistillationTrainingArguments
-from .objectives import distillation_loss, ensemble_teacher_logits, logit_mse, token_mask
+from .objectives import DistillationObjective, aligned_logits, ensemble_teacher_logits, logit_mse
 from .publishing import StudentPublishingMixin, teacher_source
 from .representation import RepresentationHeads
 from .representation_term import RepresentationTerm, TeacherFeatures, load_heads, save_heads
@@ -324,7 +324,10 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         task_items = num_items_in_batch if self._token_level else None
         if not model.training:
             return super().compute_loss(
-                model, batch.student, return_outputs=return_outputs, num_items_in_batch=task_items
+                model,
+                self._evaluation_inputs(model, batch),
+                return_outputs=return_outputs,
+                num_items_in_batch=task_items,
             )
         student = self._student_forward(model, batch.student, task_items)
         targets = self.teacher_targets(model, batch, student)
@@ -346,6 +349,11 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             for name, value in parts.items():
                 self._record(name, value)
         return (loss, student.outputs) if return_outputs else loss
+
+    def _evaluation_inputs(self, model: nn.Module, batch: DistillationBatch) -> dict[str, Any]:
+        """What ``model`` reads in evaluation: the student's inputs (trainers whose teacher is evaluated too
+        extend this)."""
+        return batch.student
 
     def _student_forward(
         self, model: nn.Module, student_inputs: dict[str, Any], task_items: torch.Tensor | int | None
@@ -429,10 +437,15 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 0) == 1
         )
 
+    @property
+    def objective(self) -> DistillationObjective:
+        """The distillation loss with its settings, as the arguments give them."""
+        return DistillationObjective.from_args(self.args)
+
     def _combine_teachers(self, logits: list[torch.Tensor]) -> torch.Tensor:
         if len(logits) == 1:
             return logits[0]
-        average = "logits" if self.args.distill_loss == "mse" or self._is_regression() else "probs"
+        average = "logits" if self.objective.entry.compares_logits or self._is_regression() else "probs"
         return ensemble_teacher_logits(logits, self.args.teacher_weights, self.args.temperature, average)
 
     def aligned_positions(
@@ -443,18 +456,8 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         Sequence-level logits pass through; token-level ones keep the positions whose label is not -100
         (after the causal shift), or the attended ones when the batch has no labels.
         """
-        teacher_logits = teacher_logits.to(student_logits.device)
-        if student_logits.dim() == 2:
-            return student_logits, teacher_logits
-        teacher_logits = _match_length(teacher_logits, student_logits.shape[1])
-        if self._shift_labels:
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-        mask = token_mask(
-            student_inputs.get("labels"), student_inputs.get("attention_mask"), self._shift_labels
-        )
-        if mask is None:
-            return student_logits.flatten(0, 1), teacher_logits.flatten(0, 1)
-        return student_logits[mask], teacher_logits[mask]
+        labels, attention_mask = student_inputs.get("labels"), student_inputs.get("attention_mask")
+        return aligned_logits(student_logits, teacher_logits, labels, attention_mask, self._shift_labels)
 
     def distillation_term(
         self,
@@ -470,12 +473,12 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             return loss, loss.detach()
         s_flat, t_flat = self.aligned_positions(student_logits, teacher_logits, student_inputs)
         if student_logits.dim() == 2:
-            loss = self._objective(s_flat, t_flat, "mean")
+            loss = self.objective(s_flat, t_flat, "mean")
             return loss, loss.detach()
         if s_flat.shape[0] == 0:  # every label masked: nothing to distil, keep the graph connected
             zero = student_logits.sum() * 0.0
             return zero, zero.detach()
-        summed = self._objective(s_flat, t_flat, "sum")
+        summed = self.objective(s_flat, t_flat, "sum")
         mean_for_log = summed.detach() / s_flat.shape[0]
         if num_items_in_batch is None:
             return summed / s_flat.shape[0], mean_for_log
@@ -483,21 +486,6 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # num_items is global; DDP averages the gradients
         return loss, mean_for_log
-
-    def _objective(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str
-    ) -> torch.Tensor:
-        a = self.args
-        return distillation_loss(
-            student_logits,
-            teacher_logits,
-            loss_type=a.distill_loss,
-            temperature=a.temperature,
-            scale_by_temperature_squared=a.scale_by_temperature_squared,
-            jsd_beta=a.jsd_beta,
-            dist_intra_weight=a.dist_intra_weight,
-            reduction=reduction,
-        )
 
     def _task_loss_for_log(
         self, task_loss: torch.Tensor, student_inputs: dict[str, Any], task_items: torch.Tensor | int | None
@@ -525,13 +513,3 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
                 logs[name] = float(f"{self.accelerator.reduce(mean, reduction='mean').item():.6g}")
             self._logged_components.clear()
         super().log(logs, start_time)
-
-
-def _match_length(teacher_logits: torch.Tensor, length: int) -> torch.Tensor:
-    """Cut or zero-pad cached token-level teacher logits to the student's padded length."""
-    current = teacher_logits.shape[1]
-    if current == length:
-        return teacher_logits
-    if current > length:
-        return teacher_logits[:, :length]
-    return torch.nn.functional.pad(teacher_logits, [0, 0, 0, length - current])

@@ -1,4 +1,4 @@
-"""Distillation influence (shared/ALGORITHMS.md §5): pure functions of tensors.
+"""Distillation influence (docs/algorithms.md, "LGTM"): pure functions of tensors.
 
 The influence of training sample i on the student's generalisation is ``w_i = ∇θs ℓ_i · v`` with ``v`` the
 student's quiz gradient after a lookahead step. These functions compute the lookahead, the finite-difference
@@ -54,12 +54,16 @@ def sgd_lookahead(
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all tensors taken together."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+    """The L2 norm of all tensors taken together (`torch.nn.utils.get_total_norm`, at least in float32)."""
+    return torch.nn.utils.get_total_norm([t.float() for t in tensors])
 
 
 def clip_coefficient(grads: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor | None:
-    """The factor `torch.nn.utils.clip_grad_norm_` scales gradients by (``None`` when ``max_norm <= 0``)."""
+    """The factor `torch.nn.utils.clip_grad_norm_` scales gradients by (``None`` when ``max_norm <= 0``).
+
+    `torch.nn.utils.clip_grads_with_norm_` would scale the gradients in place; the lookahead must leave
+    them untouched (they are the student's real gradients under ``pre_update``), so it takes the factor.
+    """
     if max_norm <= 0:
         return None
     return (max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)

@@ -8,14 +8,14 @@ Each method implements one hook, `teacher_step`, which the base calls once per o
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from transformers import EvalPrediction, get_scheduler
+from transformers import get_scheduler
 
 from .data import TEACHER_LOGITS, DistillationBatch, dataset_columns
 from .distillation_trainer import DistillationTrainer, StudentForward, TeacherTargets
@@ -33,6 +33,9 @@ from .teacher import (
     save_teacher_state,
     trainable_parameters,
 )
+
+# Metric suffixes of Trainer's evaluation loop that time the student's preparation, not the evaluated model.
+_PREPARATION_TIMINGS = ("_model_preparation_time", "_jit_compilation_time")
 
 
 class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
@@ -216,37 +219,38 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
             metrics.update(teacher_metrics)
         return metrics
 
-    @torch.no_grad()
     def evaluate_teacher(
         self, eval_dataset: Any = None, metric_key_prefix: str = "eval_teacher"
     ) -> dict[str, float]:
-        """Loss and ``compute_metrics`` of the live teacher on the evaluation set."""
+        """Loss and ``compute_metrics`` of the live teacher on the evaluation set.
+
+        `Trainer.evaluation_loop` with the teacher in the student's place, reading its own inputs (the
+        ``teacher_`` columns when the data has them).
+        """
+        dataloader = self.get_eval_dataloader(eval_dataset)
         teacher = self.teacher_models[0]
         was_training = teacher.training
-        teacher.eval()
-        losses, all_logits, all_labels = [], [], []
-        for collated in self.get_eval_dataloader(eval_dataset):
-            batch = DistillationBatch.from_collated(self._prepare_inputs(collated))
-            feed = batch.teacher_inputs(self._teacher_arg_names[0], with_labels=True)
-            labels = batch.labels
-            if labels is not None:
-                feed["labels"] = labels
-            outputs = teacher(**feed)
-            if outputs.loss is not None:
-                losses.append(
-                    self.accelerator.gather_for_metrics(outputs.loss.detach().repeat(len(outputs.logits)))
-                )
-            all_logits.append(self.accelerator.gather_for_metrics(outputs.logits.float()).cpu())
-            if labels is not None:
-                all_labels.append(self.accelerator.gather_for_metrics(labels).cpu())
-        teacher.train(was_training)
-        metrics: dict[str, float] = {}
-        if losses:
-            metrics[f"{metric_key_prefix}_loss"] = torch.cat(losses).mean().item()
-        if self.compute_metrics is not None and all_labels and all_logits[0].dim() == 2:
-            prediction = EvalPrediction(
-                predictions=torch.cat(all_logits).numpy(), label_ids=np.asarray(torch.cat(all_labels))
+        with self._teacher_in_place_of_student():
+            output = self.evaluation_loop(
+                dataloader,
+                description="Teacher evaluation",
+                prediction_loss_only=True if self.compute_metrics is None else None,
+                metric_key_prefix=metric_key_prefix,
             )
-            for key, value in self.compute_metrics(prediction).items():
-                metrics[f"{metric_key_prefix}_{key}"] = value
-        return metrics
+        teacher.train(was_training)
+        # Timings of the student's model preparation say nothing about the teacher.
+        return {k: v for k, v in output.metrics.items() if not k.endswith(_PREPARATION_TIMINGS)}
+
+    @contextlib.contextmanager
+    def _teacher_in_place_of_student(self) -> Iterator[None]:
+        student, wrapped = self.model, self.model_wrapped
+        self.model = self.model_wrapped = self.teacher_models[0]
+        try:
+            yield
+        finally:
+            self.model, self.model_wrapped = student, wrapped
+
+    def _evaluation_inputs(self, model: nn.Module, batch: DistillationBatch) -> dict[str, Any]:
+        if model is self.teacher_models[0]:  # the teacher's own evaluation: its inputs, the student's labels
+            return batch.teacher_inputs(self._teacher_arg_names[0], with_labels=True)
+        return super()._evaluation_inputs(model, batch)

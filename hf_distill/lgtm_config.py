@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .objectives import DISTILL_LOSSES, DistillationObjective
 from .online_config import OnlineDistillTrainingArguments
 from .quiz_config import QuizDistillTrainingArguments
 
@@ -138,8 +139,8 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments, OnlineDistillTrainingA
             )
         if (
             self.influence_loss == "student_kl"
-            and self.distill_loss == "dist"
-            and self.dist_intra_weight != 0
+            and self.distill_loss in DISTILL_LOSSES
+            and not DistillationObjective.from_args(self).is_per_sample
         ):
             raise ValueError(
                 "influence_loss='student_kl' needs a per-sample distillation loss, and distill_loss='dist' has a "

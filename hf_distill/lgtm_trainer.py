@@ -42,7 +42,7 @@ from .influence import (
 )
 from .lgtm_config import LGTMTrainingArguments
 from .model_card import summarize_influence
-from .objectives import distillation_loss, kl_divergence, online_teacher_loss
+from .objectives import kl_divergence, online_teacher_loss
 from .quiz_trainer import QuizDistillTrainer
 from .teacher import SEQUENCE_CLASSIFICATION, all_reduce_mean, trainable_parameters, zeros_for_missing
 
@@ -232,6 +232,12 @@ class LGTMTrainer(QuizDistillTrainer):
             self.teacher_optimizer_step()
         self._record_influence(weights, quiz_loss, scale, batch, student_logits)
 
+    def _influence_scale(self) -> float:
+        """λ: ``influence_scale``, or the teacher's current learning rate (the reference's choice)."""
+        if self.args.influence_scale is not None:
+            return self.args.influence_scale
+        return self.teacher_lr_scheduler.get_last_lr()[0]
+
     # ----- pieces -----------------------------------------------------------------------------------------------
 
     def _lookahead_gradient(
@@ -321,12 +327,6 @@ class LGTMTrainer(QuizDistillTrainer):
                 p.grad = (a if a is not None else 0) + (scale * b if b is not None else 0)
         return scale
 
-    def _influence_scale(self) -> float:
-        """λ: ``influence_scale``, or the teacher's current learning rate (the reference)."""
-        if self.args.influence_scale is not None:
-            return self.args.influence_scale
-        return self.teacher_lr_scheduler.get_last_lr()[0]
-
     def _record_sample_weights(self, sample_weights: torch.Tensor) -> None:
         self._record("sample_weight_max", sample_weights.max())
         self._record("sample_weight_frac_zero", (sample_weights == 0).float().mean())
@@ -415,16 +415,7 @@ class LGTMTrainer(QuizDistillTrainer):
                 args.scale_by_temperature_squared,
                 reduction="none",
             )
-        return args.alpha * distillation_loss(
-            student_logits,
-            teacher_logits,
-            loss_type=args.distill_loss,
-            temperature=args.temperature,
-            scale_by_temperature_squared=args.scale_by_temperature_squared,
-            jsd_beta=args.jsd_beta,
-            dist_intra_weight=args.dist_intra_weight,
-            reduction="none",
-        )
+        return args.alpha * self.objective(student_logits, teacher_logits, reduction="none")
 
     def _lookahead(self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """θs' after one student step, without touching the student or its optimizer."""
@@ -452,13 +443,14 @@ class LGTMTrainer(QuizDistillTrainer):
         return updated
 
     def _is_logging_step(self) -> bool:
-        steps = self.args.logging_steps
-        steps = (
-            max(1, int(steps * self.state.max_steps))
-            if isinstance(steps, float) and steps < 1
-            else int(steps)
+        """Whether the step in progress ends with a training log: Trainer's own test (on
+        ``state.logging_steps``, which a fractional ``logging_steps`` rounds up), one step ahead."""
+        every = self.state.logging_steps
+        return (
+            bool(every)
+            and self.args.logging_strategy == "steps"
+            and (self.state.global_step + 1) % every == 0
         )
-        return self.args.logging_strategy == "steps" and (self.state.global_step + 1) % steps == 0
 
     def _card_influence_summary(self) -> dict[str, Any] | None:
         return summarize_influence(self.state.log_history)

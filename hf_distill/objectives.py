@@ -2,17 +2,19 @@
 
 Every function takes logits of shape ``(N, C)`` (N samples or token positions, C classes), computes in
 float32 whatever the input dtype, and reduces over N with ``reduction`` in {"mean", "sum", "none"}.
-Definitions follow shared/ALGORITHMS.md §1.
+Definitions: docs/algorithms.md, "Distillation objectives". `DISTILL_LOSS_REGISTRY` names each loss with
+the properties its callers need; `DistillationObjective` is a loss with its settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-DISTILL_LOSSES = ("kl", "mse", "dist", "jsd", "reverse_kl")
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -164,6 +166,110 @@ def dist_loss(
     return loss * p_s.shape[0] if reduction == "sum" else loss
 
 
+@dataclass(frozen=True)
+class DistillLoss:
+    """One entry of the loss registry: the function and the properties its callers need.
+
+    ``compute(student_logits, teacher_logits, objective, reduction)`` reads its settings from a
+    `DistillationObjective`. ``uses_temperature``: the loss softens both distributions by τ (``mse`` compares
+    raw logits). ``compares_logits``: the loss matches logits rather than distributions, so an ensemble's
+    target is the average of its logits. ``batch_term_weight``: the name of the setting that weights a term
+    defined over the whole batch (the loss has a per-sample value only when that weight is 0).
+    ``settings``: the `DistillationObjective` settings of this loss alone (beside the temperature).
+    """
+
+    name: str
+    compute: Callable[[torch.Tensor, torch.Tensor, DistillationObjective, str], torch.Tensor]
+    uses_temperature: bool = True
+    compares_logits: bool = False
+    batch_term_weight: str | None = None
+    settings: tuple[str, ...] = ()
+
+
+DISTILL_LOSS_REGISTRY: dict[str, DistillLoss] = {
+    entry.name: entry
+    for entry in (
+        DistillLoss(
+            "kl",
+            lambda s, t, o, r: kl_divergence(s, t, o.temperature, o.scale_by_temperature_squared, r),
+        ),
+        DistillLoss(
+            "mse",
+            lambda s, t, o, r: logit_mse(s, t, r),
+            uses_temperature=False,
+            compares_logits=True,
+        ),
+        DistillLoss(
+            "dist",
+            lambda s, t, o, r: dist_loss(
+                s, t, o.temperature, o.dist_intra_weight, o.scale_by_temperature_squared, r
+            ),
+            batch_term_weight="dist_intra_weight",
+            settings=("dist_intra_weight",),
+        ),
+        DistillLoss(
+            "jsd",
+            lambda s, t, o, r: generalized_jsd(
+                s, t, o.jsd_beta, o.temperature, o.scale_by_temperature_squared, r
+            ),
+            settings=("jsd_beta",),
+        ),
+        DistillLoss(
+            "reverse_kl",
+            lambda s, t, o, r: reverse_kl_divergence(s, t, o.temperature, o.scale_by_temperature_squared, r),
+        ),
+    )
+}
+DISTILL_LOSSES = tuple(DISTILL_LOSS_REGISTRY)
+# Settings that belong to one loss only (a model card leaves out those of the other losses).
+LOSS_SPECIFIC_SETTINGS = tuple(name for entry in DISTILL_LOSS_REGISTRY.values() for name in entry.settings)
+
+
+def distill_loss_entry(name: str) -> DistillLoss:
+    """The registry entry of the loss ``name``, or a clear error naming the choices."""
+    try:
+        return DISTILL_LOSS_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"Unknown distillation loss {name!r}; choose one of {DISTILL_LOSSES}.") from None
+
+
+@dataclass(frozen=True)
+class DistillationObjective:
+    """A distillation loss with its settings, called as ``objective(student_logits, teacher_logits, reduction)``."""
+
+    loss: str = "kl"
+    temperature: float = 1.0
+    scale_by_temperature_squared: bool = True
+    jsd_beta: float = 0.5
+    dist_intra_weight: float = 1.0
+
+    @classmethod
+    def from_args(cls, args: Any) -> DistillationObjective:
+        """The objective a `DistillationTrainingArguments` describes."""
+        return cls(
+            args.distill_loss,
+            args.temperature,
+            args.scale_by_temperature_squared,
+            args.jsd_beta,
+            args.dist_intra_weight,
+        )
+
+    @property
+    def entry(self) -> DistillLoss:
+        return distill_loss_entry(self.loss)
+
+    @property
+    def is_per_sample(self) -> bool:
+        """Whether the loss has a value per sample (``reduction="none"``) with these settings."""
+        weight = self.entry.batch_term_weight
+        return weight is None or getattr(self, weight) == 0
+
+    def __call__(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        return self.entry.compute(student_logits, teacher_logits, self, reduction)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -174,31 +280,11 @@ def distillation_loss(
     dist_intra_weight: float = 1.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Dispatch to the objective named ``loss_type`` (one of ``DISTILL_LOSSES``)."""
-    if loss_type == "kl":
-        return kl_divergence(
-            student_logits, teacher_logits, temperature, scale_by_temperature_squared, reduction
-        )
-    if loss_type == "reverse_kl":
-        return reverse_kl_divergence(
-            student_logits, teacher_logits, temperature, scale_by_temperature_squared, reduction
-        )
-    if loss_type == "mse":
-        return logit_mse(student_logits, teacher_logits, reduction)
-    if loss_type == "jsd":
-        return generalized_jsd(
-            student_logits, teacher_logits, jsd_beta, temperature, scale_by_temperature_squared, reduction
-        )
-    if loss_type == "dist":
-        return dist_loss(
-            student_logits,
-            teacher_logits,
-            temperature,
-            dist_intra_weight,
-            scale_by_temperature_squared,
-            reduction,
-        )
-    raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILL_LOSSES}.")
+    """The objective named ``loss_type`` (one of ``DISTILL_LOSSES``), looked up in the loss registry."""
+    objective = DistillationObjective(
+        loss_type, temperature, scale_by_temperature_squared, jsd_beta, dist_intra_weight
+    )
+    return objective(student_logits, teacher_logits, reduction)
 
 
 def online_teacher_loss(
@@ -275,3 +361,32 @@ def token_mask(
         mask = attention_mask.bool()
         return mask[:, 1:] if shift else mask
     return None
+
+
+def aligned_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    shift: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) student and teacher logits of the positions that count.
+
+    Sequence-level ``(B, C)`` logits pass through; token-level ``(B, T, C)`` ones keep the positions of
+    `token_mask` (after the causal shift when ``shift``). Teacher logits of another length (cached for
+    another padding) are cut or zero-padded to the student's.
+    """
+    teacher_logits = teacher_logits.to(student_logits.device)
+    if student_logits.dim() == 2:
+        return student_logits, teacher_logits
+    length, current = student_logits.shape[1], teacher_logits.shape[1]
+    if current > length:
+        teacher_logits = teacher_logits[:, :length]
+    elif current < length:
+        teacher_logits = F.pad(teacher_logits, [0, 0, 0, length - current])
+    if shift:
+        student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+    mask = token_mask(labels, attention_mask, shift)
+    if mask is None:
+        return student_logits.flatten(0, 1), teacher_logits.flatten(0, 1)
+    return student_logits[mask], teacher_logits[mask]

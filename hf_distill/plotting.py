@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from .callbacks import RECORD_FIELDS
+
 logger = logging.getLogger(__name__)
 
-FIELDS = ("step", "idx", "influence", "teacher_gold_prob", "student_gold_prob")
 MISSING_IDX = -1  # the `idx` column's value for records written without row ids
 TRAJECTORIES_PNG = "influence_trajectories.png"
 MEAN_TREND_PNG = "influence_mean_trend.png"
@@ -54,7 +55,7 @@ def load_influence_log(path: str | os.PathLike[str]) -> Columns:
     """
     steps: list[int] = []
     ids: list[int] = []
-    values: dict[str, list[float]] = {name: [] for name in FIELDS[2:]}
+    values: dict[str, list[float]] = {name: [] for name in RECORD_FIELDS[2:]}
     bad: list[int] = []
     with open(path, encoding="utf-8") as file:
         lines = file.read().splitlines()
@@ -66,20 +67,20 @@ def load_influence_log(path: str | os.PathLike[str]) -> Columns:
             record = json.loads(line)
             step = int(record["step"])
             idx = MISSING_IDX if record.get("idx") is None else int(record["idx"])
-            row = {name: _float(record.get(name)) for name in FIELDS[2:]}
+            row = {name: _float(record.get(name)) for name in RECORD_FIELDS[2:]}
         except (ValueError, KeyError, TypeError):
             bad.append(n)
             continue
         steps.append(step)
         ids.append(idx)
-        for name in FIELDS[2:]:
+        for name in RECORD_FIELDS[2:]:
             values[name].append(row[name])
     if bad and bad != [last]:
         raise ValueError(f"{os.fspath(path)}: line {bad[0] + 1} is not an influence record")
     if bad:
         logger.warning("%s: skipped an incomplete last line (a run interrupted mid-write)", os.fspath(path))
     columns: Columns = {"step": np.asarray(steps, dtype=np.int64), "idx": np.asarray(ids, dtype=np.int64)}
-    for name in FIELDS[2:]:
+    for name in RECORD_FIELDS[2:]:
         columns[name] = np.asarray(values[name], dtype=np.float64)
     return columns
 
@@ -91,10 +92,10 @@ def _float(value: Any) -> float:
 def _as_columns(records: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Columns:
     """Accept `load_influence_log`'s columns or a list of record dicts (as read line by line)."""
     if isinstance(records, Mapping):
-        missing = [name for name in FIELDS if name not in records]
+        missing = [name for name in RECORD_FIELDS if name not in records]
         if missing:
             raise ValueError(f"influence records lack the columns {missing}")
-        columns = {name: np.asarray(records[name]) for name in FIELDS}
+        columns = {name: np.asarray(records[name]) for name in RECORD_FIELDS}
     else:
         columns = {
             "step": np.asarray([int(r["step"]) for r in records], dtype=np.int64),
@@ -102,11 +103,11 @@ def _as_columns(records: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Col
                 [MISSING_IDX if r.get("idx") is None else int(r["idx"]) for r in records], dtype=np.int64
             ),
         }
-        for name in FIELDS[2:]:
+        for name in RECORD_FIELDS[2:]:
             columns[name] = np.asarray([_float(r.get(name)) for r in records], dtype=np.float64)
     columns["step"] = columns["step"].astype(np.int64)
     columns["idx"] = columns["idx"].astype(np.int64)
-    for name in FIELDS[2:]:
+    for name in RECORD_FIELDS[2:]:
         columns[name] = columns[name].astype(np.float64)
     return columns
 

@@ -30,6 +30,7 @@ from .model_card import (
     describe_source,
     final_eval_metrics,
 )
+from .objectives import LOSS_SPECIFIC_SETTINGS, distill_loss_entry
 from .teacher import (
     CAUSAL_LM,
     MASKED_LM,
@@ -198,12 +199,7 @@ class StudentPublishingMixin:
         dataset: str | list[str] | None = None,
     ) -> DistillationRun:
         """The plain inputs of the student's model card, gathered from this trainer."""
-        name_or_path = getattr(getattr(unwrap_model(self.model), "config", None), "_name_or_path", "") or ""
-        base_model, base_note = finetuned_from, None
-        if base_model is None:
-            identity = describe_source(name_or_path)[0]
-            base_model = None if identity == LOCAL else identity
-            base_note = LOCAL if base_model is None and name_or_path else None
+        base_model, base_note = self._card_base_model(finetuned_from)
         teachers = [
             TeacherInfo(identity, revision, count_parameters(teacher))
             for (identity, revision), teacher in zip(self._teacher_sources, self.teacher_models, strict=True)
@@ -248,6 +244,15 @@ class StudentPublishingMixin:
             auto_class=auto_class,
         )
 
+    def _card_base_model(self, finetuned_from: str | None) -> tuple[str | None, str | None]:
+        """(the student's initialisation as a Hub id, or ``None``; ``"local"`` when it was a local folder)."""
+        if finetuned_from is not None:
+            return finetuned_from, None
+        name_or_path = getattr(getattr(unwrap_model(self.model), "config", None), "_name_or_path", "") or ""
+        identity = describe_source(name_or_path)[0]
+        base_model = None if identity == LOCAL else identity
+        return base_model, LOCAL if base_model is None and name_or_path else None
+
     def _card_hyperparameters(self) -> dict[str, Any]:
         """The run's optimisation settings and every distillation argument that applies, name to value."""
         args = self.args
@@ -263,10 +268,8 @@ class StudentPublishingMixin:
         for f in dataclasses.fields(args):
             if f.name not in trainer_fields and f.name != "teacher_model_init_kwargs":  # may hold a token
                 values[f.name] = getattr(args, f.name)
-        if args.distill_loss != "jsd":
-            values.pop("jsd_beta", None)
-        if args.distill_loss != "dist":
-            values.pop("dist_intra_weight", None)
+        for name in set(LOSS_SPECIFIC_SETTINGS) - set(distill_loss_entry(args.distill_loss).settings):
+            values.pop(name, None)
         for names, on in (
             (("hidden_distill_weight", "hidden_pooling", "hidden_loss"), args.hidden_distill_weight > 0),
             (("attention_distill_weight", "attention_loss"), args.attention_distill_weight > 0),
@@ -296,7 +299,9 @@ class TeacherPublishingMixin:
         """Write the live teacher (``save_pretrained``, safetensors) with its tokenizer to ``output_dir``."""
         if not self.args.should_save:
             return
-        unwrap_model_keep_peft(self.teacher_models[0]).save_pretrained(output_dir, safe_serialization=True)
+        self.accelerator.unwrap_model(self.teacher_models[0]).save_pretrained(
+            output_dir, safe_serialization=True
+        )
         tokenizer = self.teacher_processing_class or self.processing_class
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
@@ -323,7 +328,7 @@ class TeacherPublishingMixin:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
         self.save_teacher(staging)
-        teacher = unwrap_model_keep_peft(self.teacher_models[0])
+        teacher = self.accelerator.unwrap_model(self.teacher_models[0])
         identity, initial_revision = self._teacher_sources[0]
         card = build_teacher_card(
             method=self.method_name,
@@ -367,12 +372,3 @@ def teacher_source(teacher: Any, init_kwargs: dict[str, Any] | None) -> tuple[st
         name_or_path = getattr(getattr(unwrap_model(teacher), "config", None), "_name_or_path", "")
         return describe_source(name_or_path)[0], None  # the revision it was loaded at is not recorded
     return describe_source(teacher, (init_kwargs or {}).get("revision"))
-
-
-def unwrap_model_keep_peft(model: nn.Module) -> nn.Module:
-    """Strip DDP/DeepSpeed wrappers but keep a PEFT model (its save_pretrained writes the adapter)."""
-    while (
-        hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "peft_config")
-    ):
-        model = model.module
-    return model

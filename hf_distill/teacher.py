@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast, reduce
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -286,15 +287,12 @@ def is_distributed() -> bool:
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The mean of each tensor over all processes (one flat all-reduce); unchanged outside a process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """The mean of each tensor over all processes, as one flat `accelerate.utils.reduce`; unchanged in a
+    single process. Explicit because the gradients it averages come from `torch.autograd.grad`, which
+    bypasses DDP's reducer."""
+    if not is_distributed() or not tensors:
         return tensors
-    world = torch.distributed.get_world_size()
-    if world == 1 or not tensors:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= world
+    flat = reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="mean")
     return [
         chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
     ]
@@ -319,12 +317,11 @@ def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> 
 
 
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
-    """Make every rank start from rank ``src``'s teacher, as DDP does for the student."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """Make every rank start from rank ``src``'s teacher, as DDP does for the student (in place)."""
+    if not is_distributed():
         return
     with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            torch.distributed.broadcast(tensor.data, src=src)
+        broadcast([t.data for t in list(model.parameters()) + list(model.buffers())], from_process=src)
 
 
 def save_teacher_state(

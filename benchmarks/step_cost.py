@@ -8,7 +8,7 @@ Methods: ``finetune`` (the student alone, plain `Trainer`), ``kd``, ``online``, 
 (``lgtm_student_targets="pre_update"``), ``lgtm_exact`` (``influence_mode="exact"``), ``lgtm_small_quiz``
 (faithful with a quiz batch a quarter of the training batch), ``lgtm_ckpt`` and ``lgtm_pre_ckpt`` (faithful
 and pre_update with ``teacher_activation_checkpointing=True``) and ``lgtm_naive``: the reference's step
-order (shared/ALGORITHMS.md §5), written here for comparison only: a deep copy of the student for the
+order (docs/algorithms.md, "Differences from the reference code"), written here for comparison only: a deep copy of the student for the
 lookahead, the teacher run four times in the teacher update (lookahead targets, auxiliary loss, θs+,
 θs−) with a backward after each of the last three.
 

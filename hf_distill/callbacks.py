@@ -1,7 +1,7 @@
 """Callbacks that record what a learning teacher does, for trainers that expose per-sample influence.
 
 `InfluenceLoggerCallback` writes the per-sample distillation-influence weights of `LGTMTrainer`
-(shared/ALGORITHMS.md §5) to a JSON-lines file, and optionally a TensorBoard histogram per step.
+(docs/algorithms.md, "LGTM") to a JSON-lines file, and optionally a TensorBoard histogram per step.
 `hf_distill.plotting` turns that file into figures. See docs/callbacks.md.
 
 The trainer side of the contract (all this module relies on):

@@ -16,7 +16,7 @@ from .representation import ATTENTION_LOSSES, CRD_POOLINGS, HIDDEN_LOSSES, POOLI
 
 @dataclass
 class DistillationTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the distillation objective (shared/ALGORITHMS.md §1).
+    """`TrainingArguments` plus the distillation objective (docs/algorithms.md, "Distillation objectives").
 
     Args:
         temperature (`float`, defaults to `2.0`):

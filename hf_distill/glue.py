@@ -353,7 +353,7 @@ def tokenize_glue(
         drop = [c for c in dataset.column_names if c not in keep_columns]
         return dataset.map(tokenize, batched=True, remove_columns=drop, desc="Tokenising")
 
-    if hasattr(data, "keys") and not hasattr(data, "column_names"):  # a DatasetDict (or a plain dict)
+    if isinstance(data, Mapping):  # a DatasetDict (or a plain dict of datasets)
         return type(data)({split: one(dataset) for split, dataset in data.items()})
     return one(data)
 

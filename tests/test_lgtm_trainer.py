@@ -16,6 +16,7 @@ from conftest import (
     tiny_classifier_with_dropout,
     tiny_run_args,
 )
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainerCallback
 
 from hf_distill import LGTMTrainer, LGTMTrainingArguments, kl_divergence
@@ -464,3 +465,145 @@ def test_teacher_update_refuses_student_gradients_without_their_logits(tmp_path,
     grads = [torch.zeros_like(p) for p in trainer.model.parameters()]
     with pytest.raises(ValueError, match="student_grads without student_logits"):
         trainer.lgtm_teacher_update(trainer.model, batch, student_grads=grads)
+
+
+# ----- golden test: the fast step against the reference's order, written out slowly ----------------------------
+
+
+def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ² · KL(p ‖ q) of each row, with p = softmax(p_logits / τ), q = softmax(q_logits / τ)."""
+    log_p = F.log_softmax(p_logits.float() / tau, -1)
+    log_q = F.log_softmax(q_logits.float() / tau, -1)
+    return tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def adamw(model: torch.nn.Module, lr: float, eps: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=0.0)
+
+
+def set_grads(params: list, grads: list) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = torch.zeros_like(p) if g is None else g
+
+
+class SlowLGTM:
+    """LGTM's step in the reference's order: a deep copy of the student for the lookahead, which steps with its
+    own copy of the student's AdamW; the quiz gradient v on the copy; the teacher's gradient of the auxiliary
+    loss plus, for finite differences, the teacher's gradients at θs ± εv (one copy of the student each), or,
+    for the exact influence, the reverse-over-reverse product ∇θt (∇θs mean_i ℓ_i · v); then the student's
+    real step against the updated teacher."""
+
+    def __init__(self, student, teacher, args: LGTMTrainingArguments) -> None:
+        self.student, self.teacher, self.args = student, teacher, args
+        self.student_optimizer = adamw(student, args.learning_rate, args.adam_epsilon)
+        self.teacher_optimizer = adamw(teacher, args.teacher_learning_rate, args.adam_epsilon)
+
+    def student_loss(self, z_s, z_t, labels):
+        a = self.args
+        return a.alpha * kl_rows(z_t, z_s, a.temperature).mean() + (1 - a.alpha) * F.cross_entropy(
+            z_s, labels
+        )
+
+    def influence_loss(self, z_s, z_t):  # teacher_kl: α_t · KL(p_s ‖ p_t), the student's outputs as targets
+        return self.args.teacher_alpha * kl_rows(z_s, z_t, self.args.temperature)
+
+    def step(self, batch, quiz) -> None:
+        a, x, y = self.args, model_inputs(batch), batch["labels"]
+        teacher_params = list(self.teacher.parameters())
+        # 1. Lookahead: an optimizer step of a deep copy of the student.
+        shadow = copy.deepcopy(self.student).train()
+        shadow_optimizer = adamw(shadow, a.learning_rate, a.adam_epsilon)
+        shadow_optimizer.load_state_dict(copy.deepcopy(self.student_optimizer.state_dict()))
+        with torch.no_grad():
+            z_t = self.teacher.train()(**x).logits
+        z_s = shadow(**x).logits
+        self.student_loss(z_s, z_t, y).backward()
+        torch.nn.utils.clip_grad_norm_(shadow.parameters(), a.max_grad_norm)
+        shadow_optimizer.step()
+        z_s_here = z_s.detach()
+        # 2. v: the quiz gradient at θs', without dropout.
+        shadow.eval().zero_grad()
+        F.cross_entropy(shadow(**model_inputs(quiz)).logits, quiz["labels"]).backward()
+        v = [p.grad.clone() for p in shadow.parameters()]
+        # 3. The teacher's gradient: the auxiliary loss, then the influence term.
+        z_t = self.teacher(**x).logits
+        aux = a.teacher_alpha * kl_rows(z_s_here, z_t, a.temperature).mean()
+        aux = aux + (1 - a.teacher_alpha) * F.cross_entropy(z_t, y)
+        grads = [g for g in torch.autograd.grad(aux, teacher_params, allow_unused=True)]
+        for index, g in enumerate(self.influence_gradient(x, v)):
+            if g is not None:
+                grads[index] = g if grads[index] is None else grads[index] + g
+        set_grads(teacher_params, grads)
+        torch.nn.utils.clip_grad_norm_(teacher_params, a.teacher_max_grad_norm)
+        self.teacher_optimizer.step()
+        self.teacher_optimizer.zero_grad()
+        # 4. The student's real step against the updated teacher.
+        with torch.no_grad():
+            z_t = self.teacher.eval()(**x).logits
+        self.student_loss(self.student.train()(**x).logits, z_t, y).backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), a.max_grad_norm)
+        self.student_optimizer.step()
+        self.student_optimizer.zero_grad()
+
+    def influence_gradient(self, x, v) -> list:
+        """∇θt of −λ · mean_i w_i, w_i = ∇θs ℓ_i · v at the student's current parameters θs."""
+        a, teacher_params = self.args, list(self.teacher.parameters())
+        if a.influence_mode == "finite_difference":
+            epsilon = a.fd_radius / torch.sqrt(sum((d.double() ** 2).sum() for d in v)).item()
+            total = [None] * len(teacher_params)
+            for sign in (1.0, -1.0):
+                probe = copy.deepcopy(self.student).eval()
+                with torch.no_grad():
+                    for p, d in zip(probe.parameters(), v, strict=True):
+                        p.add_(sign * epsilon * d)
+                    z_probe = probe(**x).logits
+                loss = self.influence_loss(z_probe, self.teacher(**x).logits).mean()
+                scale = -a.influence_scale * sign / (2 * epsilon)
+                for i, g in enumerate(torch.autograd.grad(loss, teacher_params, allow_unused=True)):
+                    if g is not None:
+                        total[i] = scale * g if total[i] is None else total[i] + scale * g
+            return total
+        probe = copy.deepcopy(self.student).eval()
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            loss = self.influence_loss(probe(**x).logits, self.teacher(**x).logits).mean()
+            student_grads = torch.autograd.grad(loss, list(probe.parameters()), create_graph=True)
+            mean_influence = sum((g * d).sum() for g, d in zip(student_grads, v, strict=True))
+            influence = -a.influence_scale * mean_influence
+            return list(torch.autograd.grad(influence, teacher_params, allow_unused=True))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("mode", ["finite_difference", "exact"])
+def test_golden_step_matches_the_reference_order(tmp_path, tokenizer, mode, steps):
+    """The fast LGTM step (functional lookahead, one teacher forward and backward) equals the slow step in the
+    reference's order to float32 noise, teacher and student, after one and after three steps."""
+    overrides = dict(
+        max_steps=steps,
+        influence_mode=mode,
+        alpha=0.5,
+        temperature=2.0,
+        teacher_alpha=0.4,
+        influence_scale=1.0,  # λ large enough that an error in the influence term shows
+        max_grad_norm=1.0,
+        teacher_max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        teacher_lr_scheduler_type="constant",
+        optim="adamw_torch",
+        # Adam divides by √v + ε: with a tiny ε, a gradient entry that is zero up to rounding (e.g. a key bias,
+        # to which softmax attention is blind) becomes a full-size step whose sign is rounding noise. A
+        # larger ε keeps such entries small, so the comparison sees the computation, not that amplification.
+        adam_epsilon=1e-3,
+    )
+    fast = make_trainer(tmp_path, tokenizer, **overrides)
+    slow = SlowLGTM(copy.deepcopy(fast.model), copy.deepcopy(fast.teacher_model), fast.args)
+    batches = [b for _, b in zip(range(steps), fast.get_train_dataloader(), strict=False)]
+    fast.train()
+    for step, batch in enumerate(batches):
+        slow.step(batch, fast.quiz_batch(step))
+    assert_same_parameters(slow.teacher, fast.teacher_model, "teacher ")
+    assert_same_parameters(slow.student, fast.model, "student ")
+    initial = tiny_classifier(2, seed=1)
+    moved = max(
+        (a - b).abs().max() for a, b in zip(slow.teacher.parameters(), initial.parameters(), strict=True)
+    )
+    assert moved > 1e-4  # the teacher did learn: the comparison is not between two untouched copies

@@ -1,4 +1,4 @@
-"""Tests for hf_distill.objectives against slow, explicit float64 references (shared/ALGORITHMS.md §1).
+"""Tests for hf_distill.objectives against slow, explicit float64 references (docs/algorithms.md).
 
 Every reference below is an explicit loop over samples and classes with math.exp/math.log (or numpy
 float64 for Pearson), never a hard-coded output of the code under test.
@@ -686,3 +686,44 @@ def test_token_mask_falls_back_to_attention_mask():
 def test_token_mask_none_without_labels_or_attention():
     assert token_mask(None, None, shift=False) is None
     assert token_mask(None, None, shift=True) is None
+
+
+# --- the loss registry ------------------------------------------------------------------------------------
+
+
+def test_registry_entries_carry_the_properties_callers_need():
+    from hf_distill.objectives import DISTILL_LOSS_REGISTRY, DistillationObjective
+
+    assert set(DISTILL_LOSS_REGISTRY) == set(DISTILL_LOSSES)
+    mse = DISTILL_LOSS_REGISTRY["mse"]
+    assert mse.compares_logits and not mse.uses_temperature
+    assert all(
+        e.uses_temperature and not e.compares_logits for n, e in DISTILL_LOSS_REGISTRY.items() if n != "mse"
+    )
+    assert DistillationObjective("dist", dist_intra_weight=0.5).is_per_sample is False
+    assert DistillationObjective("dist", dist_intra_weight=0.0).is_per_sample is True
+    assert DistillationObjective("kl").is_per_sample and DistillationObjective("jsd").entry.settings == (
+        "jsd_beta",
+    )
+    s, t = torch.randn(6, 4), torch.randn(6, 4)
+    objective = DistillationObjective("jsd", temperature=2.0, jsd_beta=0.3)
+    assert_close(objective(s, t, "none"), generalized_jsd(s, t, 0.3, 2.0, reduction="none"))
+    with pytest.raises(ValueError, match="Unknown distillation loss 'l2'"):
+        DistillationObjective("l2")(s, t)
+
+
+def test_online_teacher_loss_treats_the_student_as_a_constant_target():
+    from hf_distill.objectives import online_teacher_loss
+
+    z_t = torch.randn(5, 3, requires_grad=True)
+    z_s = torch.randn(5, 3, requires_grad=True)
+    task = torch.tensor(0.7)
+    loss, divergence = online_teacher_loss(z_t, z_s, 0.4, temperature=2.0, task_loss=task)
+    expected_kl = sum(ref_kl_per_sample(z_t.detach(), z_s.detach(), 2.0)) / 5  # KL(p_s ‖ p_t), τ²-scaled
+    assert_close(divergence, expected_kl)
+    assert_close(loss, 0.4 * expected_kl + 0.6 * 0.7)
+    loss.backward()
+    assert z_s.grad is None and z_t.grad is not None  # only the teacher learns from it
+    regression, mse = online_teacher_loss(torch.ones(4, 1), torch.zeros(4, 1), 0.5, regression=True)
+    assert_close(mse, torch.tensor(1.0))
+    assert_close(regression, torch.tensor(0.5))  # no task loss given: α_t · mse only

@@ -13,11 +13,13 @@ from conftest import (
     tiny_classifier,
     tiny_classifier_with_dropout,
     tiny_run_args,
+    tiny_tokenizer,
 )
 
 from hf_distill import (
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
+    add_teacher_inputs,
     cache_teacher_logits,
     glue_compute_metrics,
     kl_divergence,
@@ -63,7 +65,7 @@ def test_one_step_is_teacher_update_then_student_update_with_updated_teacher(tmp
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.train()
 
-    # The same step by hand: plain AdamW for each model, the order of shared/ALGORITHMS.md §3.
+    # The same step by hand: plain AdamW for each model, the order of docs/algorithms.md, "Online distillation".
     inputs, labels = model_inputs(batch), batch["labels"]
     t_opt = torch.optim.AdamW(ref_teacher.parameters(), lr=1e-3, weight_decay=0.0)
     s_opt = torch.optim.AdamW(ref_student.parameters(), lr=1e-3, weight_decay=0.0)
@@ -224,6 +226,47 @@ def test_evaluate_reports_the_teachers_metrics(tmp_path, tokenizer):
         processing_class=tokenizer,
     )
     assert not any(k.startswith("eval_teacher") for k in silent.evaluate())
+
+
+def test_the_teacher_is_evaluated_on_its_own_inputs(tmp_path, tokenizer):
+    """Trainer's evaluation loop with the teacher in the student's place: the teacher reads its teacher_
+    columns (its own tokenisation), the metrics are its own, and nothing of the student's is reported."""
+    import datasets
+
+    teacher_tok = tiny_tokenizer(tmp_path / "teacher_tok", vocab_size=80, prefix="t")
+    teacher, student = tiny_classifier(2, seed=1, vocab_size=80), tiny_classifier(1, seed=2)
+    texts = [" ".join(f"w{8 + (i * 7 + k) % 40}" for k in range(2 + i % 5)) for i in range(20)]
+    data = datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(20)]})
+    data = data.map(lambda r: tokenizer(r["text"]), batched=True)
+    data = data.map(  # the teacher spells student word w<i> as t<i+16>
+        lambda r: {"text_t": [" ".join(f"t{int(w[1:]) + 16}" for w in t.split()) for t in r["text"]]},
+        batched=True,
+    )
+    data = add_teacher_inputs(data, teacher_tok, "text_t").remove_columns(["text", "text_t"])
+    trainer = OnlineDistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, per_device_eval_batch_size=8),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+        teacher_processing_class=teacher_tok,
+        compute_metrics=glue_compute_metrics("mrpc"),
+    )
+    teacher.train()
+    metrics = trainer.evaluate_teacher()
+    assert set(metrics) == {"eval_teacher_loss", "eval_teacher_accuracy", "eval_teacher_f1"}
+    assert teacher.training  # its mode is restored for training
+    correct, total_loss = 0, 0.0
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+            assert torch.equal(ids[:, 1], batch["input_ids"][:, 1] + 16)  # the teacher's own ids
+            logits = teacher.eval()(input_ids=ids, attention_mask=mask).logits
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+    assert metrics["eval_teacher_accuracy"] == pytest.approx(correct / 20)
+    assert metrics["eval_teacher_loss"] == pytest.approx(total_loss / 20, rel=1e-5)
 
 
 def test_lora_teacher_updates_only_its_adapter(tmp_path, tokenizer):

@@ -1,0 +1,110 @@
+"""hf_distill.data: the batch split (DistillationBatch, split_batch) and the distillation collator."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from conftest import VOCAB, tiny_tokenizer
+from transformers import DataCollatorWithPadding
+
+from hf_distill import DistillationBatch, DistillationDataCollator
+from hf_distill.data import dataset_columns, has_columns, split_batch
+
+
+def collated() -> dict:
+    return {
+        "input_ids": torch.tensor([[2, 9, 7], [2, 8, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        "labels": torch.tensor([1, 0]),
+        "teacher_input_ids": torch.tensor([[2, 30, 31, 32], [2, 33, 0, 0]]),
+        "teacher_attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        "teacher_logits": torch.tensor([[0.5, -0.5], [1.0, 2.0]]),
+        "idx": torch.tensor([10, 11]),
+    }
+
+
+def test_the_batch_is_split_into_what_each_model_reads():
+    raw = collated()
+    batch = DistillationBatch.from_collated(raw)
+    assert set(batch.student) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch.teacher) == {"input_ids", "attention_mask"}  # the prefix removed
+    assert batch.teacher["input_ids"] is raw["teacher_input_ids"]
+    assert batch.cached_teacher_logits is raw["teacher_logits"] and batch.row_ids is raw["idx"]
+    assert batch.labels is raw["labels"] and set(batch.features) == {"input_ids", "attention_mask"}
+    assert not batch.starts_step and batch.after_backward == []
+    assert DistillationBatch.from_collated(batch) is batch  # split once: a split batch passes through
+    assert split_batch(raw) == (batch.student, batch.teacher, batch.cached_teacher_logits, batch.row_ids)
+
+
+def test_teacher_inputs_prefer_the_teachers_own_columns_and_filter_by_its_forward():
+    batch = DistillationBatch.from_collated(collated())
+    accepted = {"input_ids", "attention_mask"}
+    assert batch.teacher_inputs(accepted)["input_ids"].shape == (2, 4)
+    with_labels = batch.teacher_inputs(accepted, with_labels=True)
+    assert set(with_labels) == {"input_ids", "attention_mask", "labels"}  # the student's labels
+    assert with_labels["labels"] is batch.labels
+    plain = DistillationBatch.from_collated(
+        {k: v for k, v in collated().items() if not k.startswith("teacher_")}
+    )
+    assert plain.teacher == {} and plain.cached_teacher_logits is None
+    assert plain.teacher_inputs({"input_ids"}) == {"input_ids": plain.student["input_ids"]}
+
+
+def test_step_batches_mark_the_first_micro_batch_of_a_step():
+    micro = [collated(), collated()]
+    first = DistillationBatch.from_collated(micro[0], step_batches=micro)
+    assert first.starts_step and first.step_batches is micro
+    assert not DistillationBatch.from_collated(micro[1]).starts_step
+
+
+def test_collator_pads_teacher_columns_with_the_teacher_tokenizer(tmp_path):
+    student_tok = tiny_tokenizer(tmp_path / "s")
+    teacher_tok = tiny_tokenizer(tmp_path / "t", vocab_size=VOCAB + 16, prefix="u")
+    assert teacher_tok.pad_token_id == 0
+    collator = DistillationDataCollator(DataCollatorWithPadding(student_tok), teacher_tok)
+    features = [
+        {
+            "input_ids": [2, 9, 3],
+            "label": 1,
+            "teacher_input_ids": [2, 70, 71, 72, 3],
+            "idx": 4,
+            "teacher_logits": [0.1, 0.9],
+        },
+        {
+            "input_ids": [2, 3],
+            "label": 0,
+            "teacher_input_ids": [2, 3],
+            "idx": 7,
+            "teacher_logits": [0.8, 0.2],
+        },
+    ]
+    batch = collator(features)
+    assert batch["input_ids"].tolist() == [[2, 9, 3], [2, 3, 0]]
+    assert batch["teacher_input_ids"].tolist() == [[2, 70, 71, 72, 3], [2, 3, 0, 0, 0]]
+    assert batch["teacher_attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["idx"].tolist() == [4, 7] and batch["idx"].dtype == torch.long
+    torch.testing.assert_close(batch["teacher_logits"], torch.tensor([[0.1, 0.9], [0.8, 0.2]]))
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_collator_zero_pads_ragged_token_level_cached_logits_and_needs_a_teacher_tokenizer():
+    collator = DistillationDataCollator()
+    rows = [
+        {"input_ids": [1, 2, 3], "teacher_logits": [[1.0, 2.0]] * 3},
+        {"input_ids": [1, 2, 3], "teacher_logits": [[3.0, 4.0]]},
+    ]
+    logits = collator(rows)["teacher_logits"]
+    assert (
+        logits.shape == (2, 3, 2) and logits[1, 1:].abs().sum() == 0 and logits[1, 0].tolist() == [3.0, 4.0]
+    )
+    with pytest.raises(ValueError, match="teacher_processing_class"):
+        collator([{"input_ids": [1, 2], "teacher_input_ids": [1, 2]}])
+
+
+def test_dataset_columns_of_datasets_and_plain_lists():
+    data = datasets.Dataset.from_dict({"input_ids": [[1]], "teacher_logits": [[0.0]]})
+    assert dataset_columns(data) == {"input_ids", "teacher_logits"}
+    assert dataset_columns([{"input_ids": [1], "label": 0}]) == {"input_ids", "label"}
+    assert dataset_columns(None) == set()
+    assert has_columns(data, ["teacher_logits", "idx"]) and not has_columns(data, ["idx"])

@@ -1,0 +1,99 @@
+"""hf_distill.teacher: loading, freezing, compatibility checks, and a learning teacher's optimizer, gradient
+helpers and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.utils import extract_model_from_parallel
+from conftest import tiny_classifier
+from peft import LoraConfig, get_peft_model
+
+from hf_distill.teacher import (
+    SEQUENCE_CLASSIFICATION,
+    TEACHER_CHECKPOINT_DIR,
+    all_reduce_mean,
+    check_teacher_student_compatible,
+    count_parameters,
+    create_teacher_optimizer,
+    freeze,
+    load_teacher,
+    load_teacher_optimizer_state,
+    load_teacher_weights,
+    save_teacher_state,
+    task_type,
+    trainable_parameters,
+    zeros_for_missing,
+)
+
+
+def test_freeze_and_task_type():
+    model = freeze(tiny_classifier(1).train())
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert task_type(model) == SEQUENCE_CLASSIFICATION
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_load_teacher_from_a_folder_and_refuse_pickles(tmp_path):
+    student = tiny_classifier(1)
+    tiny_classifier(2, seed=5).save_pretrained(tmp_path / "teacher")
+    loaded = load_teacher(str(tmp_path / "teacher"), student)
+    assert loaded.config.num_hidden_layers == 2 and task_type(loaded) == SEQUENCE_CLASSIFICATION
+    (tmp_path / "pickled").mkdir()
+    torch.save({}, tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="no safetensors weights.*pytorch_model.bin"):
+        load_teacher(str(tmp_path / "pickled"), student)
+    with pytest.raises(TypeError, match="teacher_model must be"):
+        load_teacher(3, student)
+
+
+def test_compatibility_checks_name_the_problem():
+    student = tiny_classifier(1)
+    with pytest.raises(ValueError, match="predicts 3 outputs but the student predicts 2"):
+        check_teacher_student_compatible(tiny_classifier(1, num_labels=3), student)
+    with pytest.raises(ValueError, match="share parameters"):
+        check_teacher_student_compatible(student, student)
+
+
+def test_zeros_for_missing_and_single_process_mean():
+    params = [torch.ones(2), torch.ones(3)]
+    filled = zeros_for_missing([torch.full((2,), 5.0), None], params)
+    assert filled[0].tolist() == [5.0, 5.0] and filled[1].tolist() == [0.0, 0.0, 0.0]
+    tensors = [torch.arange(3.0)]
+    assert all_reduce_mean(tensors) is tensors  # nothing to average in one process
+
+
+def test_unwrapping_keeps_the_peft_wrapper_whose_save_writes_the_adapter():
+    lora = get_peft_model(tiny_classifier(1), LoraConfig(r=2, target_modules=["query", "value"]))
+    wrapped = torch.nn.DataParallel(lora)  # on CPU: a plain container, unwrapped like DDP
+    unwrapped = extract_model_from_parallel(wrapped)
+    assert unwrapped is lora and hasattr(unwrapped, "peft_config")
+
+
+def test_teacher_optimizer_has_no_weight_decay_on_biases_and_norms():
+    teacher = tiny_classifier(1)
+    decay = {n for n, _ in teacher.named_parameters() if "bias" not in n and "LayerNorm" not in n}
+    optimizer = create_teacher_optimizer(teacher, 1e-3, 0.1, decay, eps=1e-6)
+    decays = {group["weight_decay"] for group in optimizer.param_groups}
+    assert decays == {0.1, 0.0} and all(group["eps"] == 1e-6 for group in optimizer.param_groups)
+    counted = sum(len(group["params"]) for group in optimizer.param_groups)
+    assert counted == len(trainable_parameters(teacher))
+
+
+def test_teacher_state_round_trips_through_a_checkpoint(tmp_path):
+    teacher = tiny_classifier(1, seed=3)
+    optimizer = create_teacher_optimizer(teacher, 1e-2, 0.0, set())
+    teacher(input_ids=torch.tensor([[2, 9, 7]]), labels=torch.tensor([1])).loss.backward()
+    optimizer.step()
+    save_teacher_state(tmp_path, teacher, optimizer, None)
+    assert (tmp_path / TEACHER_CHECKPOINT_DIR).is_dir()
+    fresh = tiny_classifier(1, seed=4)
+    fresh_optimizer = create_teacher_optimizer(fresh, 1e-2, 0.0, set())
+    load_teacher_weights(tmp_path, fresh)
+    load_teacher_optimizer_state(tmp_path, fresh_optimizer, None)
+    for a, b in zip(teacher.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = next(iter(fresh_optimizer.state.values()))
+    assert int(state["step"]) == 1
+    with pytest.raises(FileNotFoundError, match="holds no teacher state"):
+        load_teacher_weights(tmp_path / "elsewhere", fresh)

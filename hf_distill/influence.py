@@ -109,3 +109,32 @@ def exact_logit_influence(
         losses = per_sample_loss(z_s, teacher_logits)
         (d_loss,) = torch.autograd.grad(losses.sum(), z_s, create_graph=True)
     return (d_loss * student_logit_tangent.detach()).sum(-1)
+
+
+def influence_sample_weights(influence: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-sample weights of the teacher's distillation loss from the batch's influence ``w`` (detached).
+
+    ``ŵ_i = max(0, 1 + β · (w_i − mean w) / std w)``, rescaled so that ``mean ŵ = 1``: only the ranking of the
+    samples within the batch matters (``w``'s magnitude depends on the losses, the quiz gradient and the
+    learning rate; a softmax of raw ``w`` would be uniform at small magnitudes and one-hot at large ones),
+    and the teacher's distillation term keeps online distillation's size on average. A sample β⁻¹ standard
+    deviations below the batch mean gets weight 0. All ones when ``β = 0``, for a single sample, or when every
+    sample has the same influence: online distillation.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}.")
+    w = influence.detach().float()
+    if w.numel() < 2 or beta == 0:
+        return torch.ones_like(w)
+    std = w.std()
+    if not std > 0:
+        return torch.ones_like(w)
+    raw = (1.0 + beta * (w - w.mean()) / std).clamp(min=0.0)
+    return raw / raw.mean()  # raw's mean is >= 1 (clamping only raises values), never 0
+
+
+def ratio_influence_scale(aux_norm: float, influence_norm: float, ratio: float) -> float:
+    """λ with ``‖λ · g_influence‖ = ratio · ‖g_aux‖``; 0 when the influence gradient is 0."""
+    if ratio < 0:
+        raise ValueError(f"ratio must be >= 0, got {ratio}.")
+    return ratio * aux_norm / influence_norm if influence_norm > 0 else 0.0

@@ -9,6 +9,7 @@ from .online_config import OnlineDistillTrainingArguments
 from .quiz_config import QuizDistillTrainingArguments
 from .validation import check_finite
 
+INFLUENCE_FORMS = ("meta_gradient", "sample_weights")
 INFLUENCE_MODES = ("finite_difference", "exact")
 INFLUENCE_LOSSES = ("teacher_kl", "student_kl")
 LOOKAHEADS = ("optimizer", "sgd")
@@ -21,6 +22,17 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments, OnlineDistillTrainingA
     distillation-influence settings.
 
     Args:
+        influence_form (`str`, defaults to `'meta_gradient'`):
+            How the influence reaches the teacher. meta_gradient: the reference's; the teacher's loss is
+            L_aux − λ · mean_i w_i, differentiated through the teacher (at λ = the teacher's learning rate the term
+            is 10⁻⁵–10⁻⁴ of L_aux's gradient: online distillation in practice). sample_weights: the paper's
+            description; the influence weights ŵ (detached, see ``influence_weight_beta``) weight each sample's
+            distillation term of L_aux; ŵ = 1 is online distillation. No extra pass.
+        influence_weight_beta (`float`, defaults to `1.0`):
+            sample_weights form: ŵ_i = max(0, 1 + β · standardised w_i), rescaled to mean 1 over the batch.
+        influence_grad_ratio (`float | None`, defaults to `None`):
+            meta_gradient form: choose λ every step so that ‖λ · ∇ influence‖ = ratio · ‖∇ L_aux‖ (replaces
+            ``influence_scale``; one more teacher backward per step).
         influence_mode (`str`, defaults to `'finite_difference'`):
             finite_difference (the paper's FDA) or exact (forward-mode, no approximation).
         fd_radius (`float`, defaults to `0.01`):
@@ -41,6 +53,28 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments, OnlineDistillTrainingA
     Every argument of `QuizDistillTrainingArguments`, `OnlineDistillTrainingArguments` applies too.
     """
 
+    influence_form: str = field(
+        default="meta_gradient",
+        metadata={
+            "help": "How the influence reaches the teacher: meta_gradient (the reference: L_aux − λ·mean w, "
+            "differentiated through the teacher) or sample_weights (the paper's text: detached, normalised "
+            "weights on each sample's distillation term of L_aux; no extra pass).",
+            "choices": INFLUENCE_FORMS,
+        },
+    )
+    influence_weight_beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "sample_weights form: ŵ_i = max(0, 1 + β·standardised w_i), rescaled to mean 1 over the batch."
+        },
+    )
+    influence_grad_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "meta_gradient form: set λ each step so that ‖λ·∇influence‖ = ratio·‖∇L_aux‖ (replaces "
+            "influence_scale; one more teacher backward per step)."
+        },
+    )
     influence_mode: str = field(
         default="finite_difference",
         metadata={
@@ -83,6 +117,7 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments, OnlineDistillTrainingA
     )
 
     def __post_init__(self) -> None:
+        self._check_influence_form()
         if self.influence_mode not in INFLUENCE_MODES:
             raise ValueError(
                 f"influence_mode={self.influence_mode!r} is unknown; choose one of {INFLUENCE_MODES}."
@@ -117,4 +152,27 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments, OnlineDistillTrainingA
                 "lgtm_student_targets='pre_update' takes the student's soft labels from the teacher forward that "
                 "the LGTM update differentiates, which computes no hidden states or attentions; use "
                 "lgtm_student_targets='updated' with representation terms (or set their weights to 0)."
+            )
+
+    def _check_influence_form(self) -> None:
+        if self.influence_form not in INFLUENCE_FORMS:
+            raise ValueError(
+                f"influence_form={self.influence_form!r} is unknown; choose one of {INFLUENCE_FORMS}."
+            )
+        check_finite(
+            "influence_weight_beta", self.influence_weight_beta, 0, hint="0 gives online distillation."
+        )
+        if self.influence_grad_ratio is not None:
+            check_finite("influence_grad_ratio", self.influence_grad_ratio, 0, low_open=True, hint="Or None.")
+        if self.influence_form == "sample_weights" and (
+            self.influence_scale is not None or self.influence_grad_ratio is not None
+        ):
+            raise ValueError(
+                "influence_form='sample_weights' weights the teacher's per-sample loss and has no λ: drop "
+                "influence_scale and influence_grad_ratio, or use influence_form='meta_gradient'."
+            )
+        if self.influence_scale is not None and self.influence_grad_ratio is not None:
+            raise ValueError(
+                "influence_scale and influence_grad_ratio both set λ: pass one (influence_grad_ratio chooses λ "
+                "every step from the gradient norms)."
             )

@@ -6,8 +6,10 @@ One optimisation step:
    step on a list of tensors: no copy of the student, its optimizer state untouched);
 2. v = ∇θs' CE on a quiz batch;
 3. per-sample influence w_i = ∇θs ℓ_i · v, by a central difference at θs ± εv (``finite_difference``) or
-   exactly by one forward-mode product (``exact``); the teacher steps on ``L_aux − λ · mean_i w_i``, one
-   teacher forward and one teacher backward serving both terms;
+   exactly by one forward-mode product (``exact``); the teacher steps on ``L_aux − λ · mean_i w_i``
+   (``influence_form="meta_gradient"``, the reference), one teacher forward and one teacher backward serving
+   both terms, or on L_aux with each sample's distillation term weighted by the detached, normalised w
+   (``influence_form="sample_weights"``, the paper's description);
 4. the student's real step on its loss against the updated teacher (done by the base trainer); with
    ``lgtm_student_targets="pre_update"`` the real step is the lookahead's own gradient instead (the teacher
    before its update taught it), which saves one teacher forward and one student backward per step.
@@ -32,7 +34,9 @@ from .influence import (
     fd_epsilon,
     finite_difference_influence,
     global_norm,
+    influence_sample_weights,
     perturbed,
+    ratio_influence_scale,
     sgd_lookahead,
 )
 from .label_checks import find_label_column
@@ -212,18 +216,30 @@ class LGTMTrainer(QuizDistillTrainer):
                     lambda outputs: labelled_cross_entropy(outputs.logits, quiz.labels),
                 )
                 del lookahead_params  # θs' is done with once v exists
-                # 3. Per-sample influence, with the graph to the teacher's logits.
+                # 3. Per-sample influence; the meta-gradient form keeps the graph to the teacher's logits.
+                weights_form = self.args.influence_form == "sample_weights"
                 weights = self._influence_weights(
-                    student, names, params, batch.features, teacher_logits, direction
+                    student,
+                    names,
+                    params,
+                    batch.features,
+                    teacher_logits.detach() if weights_form else teacher_logits,
+                    direction,
                 )
                 self.nonfinite.watch("influence weights", weights, "student")
             finally:
                 student.train()
 
-        # 4. The teacher's gradient: L_aux − λ · mean_i w_i, one backward through the one teacher forward.
+        # 4. The teacher's gradient, one backward through the one teacher forward: L_aux − λ · mean_i w_i, or
+        # L_aux with each sample's distillation term weighted by ŵ.
         with record_function("lgtm.teacher_backward_and_step"):
-            scale = self._influence_scale()
-            self._teacher_backward(teacher_logits, student_logits, batch.labels, -scale * weights.mean())
+            if weights_form:
+                sample_weights = influence_sample_weights(weights, self.args.influence_weight_beta)
+                self._teacher_backward(teacher_logits, student_logits, batch.labels, None, sample_weights)
+                self._record_sample_weights(sample_weights)
+                scale = None
+            else:
+                scale = self._teacher_backward(teacher_logits, student_logits, batch.labels, weights.mean())
             self.teacher_optimizer_step()
         self._record_influence(weights, quiz_loss, scale, batch, student_logits)
 
@@ -290,32 +306,48 @@ class LGTMTrainer(QuizDistillTrainer):
         teacher_logits: torch.Tensor,
         student_logits: torch.Tensor,
         labels: torch.Tensor,
-        influence_term: torch.Tensor,
-    ) -> None:
-        """The teacher's gradient of ``L_aux + influence_term`` in ``.grad``, one backward through its forward."""
-        aux_loss = self._teacher_aux_loss(teacher_logits, student_logits.detach(), labels)
+        influence: torch.Tensor | None,
+        sample_weights: torch.Tensor | None = None,
+    ) -> float | None:
+        """The teacher's gradient of ``L_aux − λ · influence`` in ``.grad``, one backward through its forward;
+        returns λ. ``influence=None`` (sample_weights form): L_aux alone, its distillation term weighted."""
+        aux_loss = self._teacher_aux_loss(teacher_logits, student_logits.detach(), labels, sample_weights)
         self.nonfinite.watch("teacher's loss", aux_loss, "teacher")
-        if not self._is_logging_step():
-            (aux_loss + influence_term).backward()
-            return
-        # Separate norms tell users whether the influence term matters at this λ (an extra backward on
-        # logging steps only).
+        if influence is None:
+            aux_loss.backward()
+            return None
+        ratio = self.args.influence_grad_ratio
+        if ratio is None and not self._is_logging_step():
+            scale = self._influence_scale()
+            (aux_loss - scale * influence).backward()
+            return scale
+        # Separate gradients: the ratio rule needs both norms, and on logging steps they tell users whether the
+        # influence term matters at this λ (an extra backward).
         teacher_params = list(trainable_parameters(self.teacher_models[0]).values())
         aux_grads = torch.autograd.grad(aux_loss, teacher_params, retain_graph=True, allow_unused=True)
-        influence_grads = torch.autograd.grad(influence_term, teacher_params, allow_unused=True)
-        self._record("teacher_grad_norm_aux", global_norm([g for g in aux_grads if g is not None]))
-        self._record(
-            "teacher_grad_norm_influence", global_norm([g for g in influence_grads if g is not None])
-        )
+        influence_grads = torch.autograd.grad(-influence, teacher_params, allow_unused=True)
+        aux_norm = global_norm([g for g in aux_grads if g is not None])
+        influence_norm = global_norm([g for g in influence_grads if g is not None])
+        if ratio is None:
+            scale = self._influence_scale()
+        else:
+            scale = ratio_influence_scale(float(aux_norm), float(influence_norm), ratio)
+        self._record("teacher_grad_norm_aux", aux_norm)
+        self._record("teacher_grad_norm_influence", scale * influence_norm)
         for p, a, b in zip(teacher_params, aux_grads, influence_grads, strict=True):
             if a is not None or b is not None:
-                p.grad = (a if a is not None else 0) + (b if b is not None else 0)
+                p.grad = (a if a is not None else 0) + (scale * b if b is not None else 0)
+        return scale
+
+    def _record_sample_weights(self, sample_weights: torch.Tensor) -> None:
+        self._record("sample_weight_max", sample_weights.max())
+        self._record("sample_weight_frac_zero", (sample_weights == 0).float().mean())
 
     def _record_influence(
         self,
         weights: torch.Tensor,
         quiz_loss: torch.Tensor,
-        scale: float,
+        scale: float | None,
         batch: DistillationBatch,
         student_logits: torch.Tensor,
     ) -> None:
@@ -326,7 +358,8 @@ class LGTMTrainer(QuizDistillTrainer):
         self._record("influence_max", w.max())
         self._record("influence_frac_negative", (w < 0).float().mean())
         self._record("quiz_loss", quiz_loss)
-        self._record("influence_scale", torch.tensor(float(scale)))
+        if scale is not None:  # the sample_weights form has no λ
+            self._record("influence_scale", torch.tensor(float(scale)))
         self.latest_influence = {
             "step": self.state.global_step,
             "idx": batch.row_ids,
@@ -344,11 +377,28 @@ class LGTMTrainer(QuizDistillTrainer):
         return self.args.alpha * distill + (1.0 - self.args.alpha) * task
 
     def _teacher_aux_loss(
-        self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor
+        self,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor,
+        labels: torch.Tensor,
+        sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The online-distillation teacher loss α_t · KL(p_s ‖ p_t) + (1 − α_t) · CE (docs/algorithms.md)."""
+        """The online-distillation teacher loss α_t · KL(p_s ‖ p_t) + (1 − α_t) · CE (docs/algorithms.md); with
+        ``sample_weights``, the KL is the weighted mean ``mean_i ŵ_i · KL_i`` (the sample_weights form)."""
         args = self.args
         ce = labelled_cross_entropy(teacher_logits, labels)
+        if sample_weights is not None:
+            per_sample = kl_divergence(
+                teacher_logits,
+                student_logits.detach(),
+                args.temperature,
+                args.scale_by_temperature_squared,
+                reduction="none",
+            )
+            weighted = (sample_weights.to(per_sample.dtype) * per_sample).mean()
+            self._record("teacher_kl", per_sample.detach().mean())
+            self._record("teacher_task_loss", ce.detach())
+            return args.teacher_alpha * weighted + (1.0 - args.teacher_alpha) * ce
         loss, kl = online_teacher_loss(
             teacher_logits,
             student_logits,

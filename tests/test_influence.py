@@ -16,7 +16,9 @@ from hf_distill.influence import (
     exact_logit_influence,
     fd_epsilon,
     finite_difference_influence,
+    influence_sample_weights,
     perturbed,
+    ratio_influence_scale,
     sgd_lookahead,
 )
 from hf_distill.objectives import kl_divergence
@@ -191,3 +193,48 @@ def test_fd_epsilon_is_radius_over_norm():
     assert fd_epsilon([torch.tensor([3.0]), torch.tensor([4.0])], 0.01) == pytest.approx(0.002)
     with pytest.raises(ValueError, match="quiz gradient v is zero"):
         fd_epsilon([torch.zeros(3)], 0.01)
+
+
+# ----- the sample-weights form and the ratio scale -------------------------------------------------------------
+
+
+def slow_sample_weights(w: list[float], beta: float) -> list[float]:
+    n = len(w)
+    mean = sum(w) / n
+    std = (sum((x - mean) ** 2 for x in w) / (n - 1)) ** 0.5
+    raw = [max(0.0, 1 + beta * (x - mean) / std) for x in w]
+    return [r * n / sum(raw) for r in raw]
+
+
+def test_sample_weights_follow_the_standardised_influence_with_mean_one():
+    w = [3e-4, -1e-4, 5e-5, -6e-4, 2e-4, 0.0]
+    weights = influence_sample_weights(torch.tensor(w), beta=1.0)
+    torch.testing.assert_close(weights, torch.tensor(slow_sample_weights(w, 1.0)))
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[3].item() == 0.0  # 1.9 standard deviations below the mean: no weight at β = 1
+    assert weights.argmax().item() == 0  # the most helpful sample weighs most
+    # Only the ranking inside the batch matters, not the influence's units.
+    torch.testing.assert_close(influence_sample_weights(torch.tensor(w) * 1e5, beta=1.0), weights)
+
+
+@pytest.mark.parametrize(
+    ("w", "beta"),
+    [([0.1, -0.2, 0.3], 0.0), ([0.2, 0.2, 0.2], 1.0), ([0.5], 1.0)],
+    ids=["beta0", "same", "one"],
+)
+def test_sample_weights_are_online_distillation_when_nothing_distinguishes_samples(w, beta):
+    assert torch.equal(influence_sample_weights(torch.tensor(w), beta), torch.ones(len(w)))
+
+
+def test_sample_weights_are_detached_and_refuse_a_negative_beta():
+    w = torch.tensor([0.1, -0.2, 0.3], requires_grad=True)
+    assert not influence_sample_weights(w * 2, 0.5).requires_grad
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        influence_sample_weights(w, -1.0)
+
+
+def test_ratio_scale_sets_the_influence_gradient_norm():
+    assert ratio_influence_scale(aux_norm=2.0, influence_norm=1e-4, ratio=0.5) == pytest.approx(1e4)
+    assert ratio_influence_scale(aux_norm=2.0, influence_norm=0.0, ratio=0.5) == 0.0
+    with pytest.raises(ValueError, match="ratio must be >= 0"):
+        ratio_influence_scale(1.0, 1.0, -0.1)

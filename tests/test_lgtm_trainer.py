@@ -129,6 +129,65 @@ def test_influence_scale_changes_the_teacher_update(tmp_path, tokenizer):
     assert any(not torch.equal(teachers[0][n], teachers[1][n]) for n in teachers[0])
 
 
+def test_sample_weights_form_weights_each_samples_teacher_distillation_term(tmp_path, tokenizer, monkeypatch):
+    """The teacher's gradient is that of α_t · mean_i ŵ_i KL_i(p_s ‖ p_t) + (1 − α_t) · CE, with ŵ the normalised
+    influence: a sample with weight 0 adds nothing to the distillation term (checked against a manual loss)."""
+    import hf_distill.lgtm_trainer as lgtm_module
+
+    chosen = torch.tensor([0.0, 2.0, 1.0, 0.0, 1.5, 0.5, 1.0, 2.0])
+    seen = {}
+
+    def fixed_weights(influence, beta):
+        seen["influence"], seen["beta"] = influence.detach().clone(), beta
+        return chosen
+
+    monkeypatch.setattr(lgtm_module, "influence_sample_weights", fixed_weights)
+    trainer = make_trainer(
+        tmp_path, tokenizer, max_steps=1, influence_form="sample_weights", influence_weight_beta=0.7
+    )
+    student_before = copy.deepcopy(trainer.model)
+    teacher_before = copy.deepcopy(trainer.teacher_model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    grads = {}
+    original_step = trainer.teacher_optimizer_step
+
+    def capture_then_step():
+        grads.update(
+            {n: p.grad.clone() for n, p in trainer.teacher_model.named_parameters() if p.grad is not None}
+        )
+        original_step()
+
+    trainer.teacher_optimizer_step = capture_then_step
+    trainer.train()
+
+    assert seen["beta"] == 0.7
+    torch.testing.assert_close(seen["influence"], trainer.latest_influence["influence"])
+    z_t = teacher_before.train()(**model_inputs(batch)).logits
+    with torch.no_grad():
+        z_s = student_before.train()(**model_inputs(batch)).logits
+    per_sample = kl_divergence(z_t, z_s, temperature=1.0, reduction="none")  # KL(p_s ‖ p_t)
+    loss = 0.4 * (chosen * per_sample).mean() + 0.6 * F.cross_entropy(z_t, batch["labels"])
+    loss.backward(retain_graph=True)
+    for name, p in teacher_before.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    # Not online distillation's gradient: the weights changed the teacher's update.
+    teacher_before.zero_grad()
+    online = 0.4 * per_sample.mean() + 0.6 * F.cross_entropy(z_t, batch["labels"])
+    online.backward()
+    assert any(not torch.allclose(grads[n], p.grad) for n, p in teacher_before.named_parameters())
+    log = trainer.state.log_history[0]
+    assert log["sample_weight_frac_zero"] == pytest.approx(0.25) and log["sample_weight_max"] == 2.0
+    assert "influence_scale" not in log  # no λ in this form
+
+
+def test_influence_grad_ratio_sets_the_influence_share_of_the_teacher_gradient(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1, influence_grad_ratio=0.5)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["teacher_grad_norm_influence"] == pytest.approx(0.5 * log["teacher_grad_norm_aux"], rel=1e-4)
+    assert log["influence_scale"] > 100 * 1e-3  # far above the teacher's learning rate on these models
+
+
 class PassCounter:
     """Counts forward calls of a module and backward passes through its outputs."""
 
@@ -313,6 +372,13 @@ def test_eval_set_as_quiz_is_explicit_and_warned(tmp_path, tokenizer, caplog):
         ({"influence_loss": "ce"}, "influence_loss='ce' is unknown"),
         ({"lookahead": "adam"}, "lookahead='adam' is unknown"),
         ({"influence_scale": -1.0}, "influence_scale must be a finite number >= 0"),
+        ({"influence_form": "weights"}, "influence_form='weights' is unknown"),
+        ({"influence_weight_beta": -1.0}, "influence_weight_beta must be a finite number >= 0"),
+        ({"influence_weight_beta": float("inf")}, "influence_weight_beta must be a finite number >= 0"),
+        ({"influence_grad_ratio": 0.0}, "influence_grad_ratio must be a finite number > 0"),
+        ({"influence_grad_ratio": float("nan")}, "influence_grad_ratio must be a finite number > 0"),
+        ({"influence_form": "sample_weights", "influence_scale": 1.0}, "has no λ"),
+        ({"influence_scale": 1.0, "influence_grad_ratio": 0.1}, "both set λ"),
         ({"quiz_split": 0.0}, "quiz_split must be a finite number in"),
         ({"influence_loss": "student_kl", "distill_loss": "dist"}, "per-sample distillation loss"),
         ({"lgtm_student_targets": "old"}, "lgtm_student_targets='old' is unknown"),

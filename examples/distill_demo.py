@@ -387,6 +387,19 @@ def checked_metrics(what: str) -> Callable:
     return compute_and_check
 
 
+def verdict(alone: float, distilled: float) -> str:
+    """One line saying whether distillation beat training the same student alone on this run."""
+    points = 100 * (distilled - alone)
+    if points > 0:
+        return f"Distillation beat training alone on this run: accuracy {alone:.4f} -> {distilled:.4f} (+{points:.1f} points)."
+    if points < 0:
+        return (
+            f"Distillation did NOT beat training alone on this run: accuracy {alone:.4f} -> {distilled:.4f} "
+            f"({points:.1f} points); try more epochs or another temperature."
+        )
+    return f"Distillation tied with training alone on this run (accuracy {alone:.4f})."
+
+
 def print_table(
     results: list[Result], teacher_params: int, total_seconds: float, majority: float | None = None
 ) -> None:
@@ -502,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
 
     majority = majority_class_metrics("sst2", eval_ds["label"])["accuracy"]
     print_table(results, results[0].params, time.perf_counter() - begin, majority)
+    print(verdict(alone=results[1].accuracy, distilled=results[2].accuracy))
     print(f"Distilled student (model + tokenizer + model card) saved to {(out / 'student').resolve()}")
     print(f"Fine-tuned teacher saved to {(out / 'teacher').resolve()}")
 

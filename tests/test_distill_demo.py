@@ -29,9 +29,25 @@ def test_demo_saves_teacher_and_student_with_a_card_of_its_results(tmp_path, cap
         float(rows["distilled student (T=2)"][-2]),
     )
     assert "majority class (baseline)" in rows
+    alone_accuracy = float(rows["student alone"][-2]) if "student alone" in rows else None
+    assert alone_accuracy is not None, sorted(rows)
+    assert demo.verdict(alone_accuracy, student_accuracy) in printed
     assert (tmp_path / "teacher" / "model.safetensors").is_file()  # the fine-tuned teacher, reusable
 
     card = ModelCard.load(tmp_path / "student" / "README.md")
     assert card.data.distillation["teachers"][0]["id"] == "teacher"  # its folder, not "local"
     assert f"| accuracy | {student_accuracy:.4g} | {teacher_accuracy:.4g} |" in card.text
     assert "synthetic review sentiment" in card.text
+
+
+def test_verdict_says_whether_distillation_beat_training_alone():
+    spec = importlib.util.spec_from_file_location(
+        "distill_demo_verdict", REPO / "examples" / "distill_demo.py"
+    )
+    demo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = demo
+    spec.loader.exec_module(demo)
+    assert demo.verdict(0.632, 0.823).startswith("Distillation beat training alone")
+    assert "+19.1 points" in demo.verdict(0.632, 0.823)
+    assert demo.verdict(0.80, 0.75).startswith("Distillation did NOT beat training alone")
+    assert "tied" in demo.verdict(0.7, 0.7)

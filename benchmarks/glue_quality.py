@@ -47,6 +47,7 @@ SHARED = Path(os.environ.get("HF_DISTILL_SHARED", REPO.parent / "shared"))
 METHODS = (
     "finetune",
     "kd",
+    "kd_transfer",
     "online",
     "meta",
     "lgtm",
@@ -55,8 +56,10 @@ METHODS = (
     "lgtm_scaled",
     "lgtm_scaled_small_quiz",
 )
-REGRESSION_METHODS = ("finetune", "kd", "online")  # stsb: the others train classifiers only
+REGRESSION_METHODS = ("finetune", "kd", "kd_transfer", "online")  # stsb: the others train classifiers only
 LGTM_FORMS = ("lgtm", "lgtm_weights", "lgtm_pre", "lgtm_scaled", "lgtm_scaled_small_quiz")
+# kd_transfer: kd on a transfer set the teacher labels (the training rows and --transfer_copies masked copies
+# of each, unlabelled; hf_distill.transfer), so the student sees rows the teacher has not memorised.
 # lgtm: the reference's meta-gradient form (influence_form="meta_gradient", λ = the teacher's learning rate);
 # lgtm_weights: influence_form="sample_weights" (the influence weights the teacher's per-sample distillation loss);
 # lgtm_pre: LGTM with lgtm_student_targets="pre_update" (the student's real step reuses the lookahead's gradient);
@@ -102,7 +105,7 @@ def run_argv(args: argparse.Namespace, method: str, lr: float, seed: int, output
     """The example's command line for one run: everything but method, learning rate and seed is shared."""
     lgtm = method.startswith("lgtm")
     argv = [
-        "--method", "lgtm" if lgtm else method,
+        "--method", "lgtm" if lgtm else "kd" if method == "kd_transfer" else method,
         "--task_name", args.task_name,
         "--data_dir", str(args.data_dir),
         "--teacher_model_name_or_path", str(args.model_path),
@@ -142,6 +145,9 @@ def run_argv(args: argparse.Namespace, method: str, lr: float, seed: int, output
         argv += ["--teacher_learning_rate", str(args.teacher_lr)]
     if method == "online" or lgtm:
         argv += ["--teacher_alpha", str(args.teacher_alpha)]
+    if method == "kd_transfer":
+        argv += ["--transfer_copies", str(args.transfer_copies)]
+        argv += ["--transfer_mask_probability", str(args.transfer_mask_probability)]
     if method == "lgtm_weights":
         argv += ["--influence_form", "sample_weights"]
     if method == "lgtm_pre":
@@ -540,6 +546,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="quiz batch of lgtm_scaled_small_quiz (default: --batch_size // 4)",
+    )
+    p.add_argument(
+        "--transfer_copies", type=int, default=1, help="masked copies per training row of kd_transfer"
+    )
+    p.add_argument(
+        "--transfer_mask_probability",
+        type=float,
+        default=0.15,
+        help="masked fraction of kd_transfer's copies",
     )
     p.add_argument("--quiz_holdout", type=float, default=0.1)
     p.add_argument("--max_train_samples", type=int, default=None, help="smoke tests only")

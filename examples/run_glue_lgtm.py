@@ -83,6 +83,7 @@ from hf_distill.glue import (
 )
 from hf_distill.metrics import majority_class_metrics, warn_if_collapsed
 from hf_distill.model_sources import describe_teacher
+from hf_distill.transfer import masked_transfer_set
 
 logger = logging.getLogger("run_glue_lgtm")
 
@@ -283,6 +284,17 @@ class DataArguments:
         },
     )
     quiz_holdout_seed: int = field(default=42, metadata={"help": "Seed of the --quiz_holdout split."})
+    transfer_copies: int = field(
+        default=0,
+        metadata={
+            "help": "kd only: train on a transfer set the teacher labels: the training rows plus this many copies "
+            "of each with --transfer_mask_probability of their word pieces masked. Pure distillation (needs "
+            "--alpha 1.0): the copies have no gold label, and the original rows are distilled without theirs."
+        },
+    )
+    transfer_mask_probability: float = field(
+        default=0.15, metadata={"help": "Fraction of each copy's word pieces masked (see --transfer_copies)."}
+    )
     # Set by parse_args: evaluation was switched on because no --do_* flag was given.
     eval_by_default: bool = field(default=False, init=False)
 
@@ -294,6 +306,12 @@ class DataArguments:
             )
         if self.quiz_holdout is not None and not 0.0 < self.quiz_holdout < 1.0:
             raise ValueError(f"--quiz_holdout must be in (0, 1), got {self.quiz_holdout}.")
+        if self.transfer_copies < 0:
+            raise ValueError(f"--transfer_copies must be >= 0, got {self.transfer_copies}.")
+        if not 0.0 < self.transfer_mask_probability < 1.0:
+            raise ValueError(
+                f"--transfer_mask_probability must be in (0, 1), got {self.transfer_mask_probability}."
+            )
 
 
 def _config_to_argv(config: dict[str, Any]) -> list[str]:
@@ -449,11 +467,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(
             args=_config_to_argv(config) + rest + ["--method", method]
         )
+    with usage_errors(ValueError):
+        check_transfer_set(model_args, data_args, training_args)
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True
         data_args.eval_by_default = True
     no_pin_memory_without_accelerator(training_args)
     return model_args, data_args, training_args
+
+
+def check_transfer_set(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> None:
+    """--transfer_copies is pure distillation from a frozen teacher: refuse the settings it cannot serve."""
+    if data_args.transfer_copies == 0:
+        return
+    if model_args.method != "kd":
+        raise ValueError(
+            f"--transfer_copies works with --method kd only (got {model_args.method}): the other methods' "
+            "teachers or students need the gold labels the copies do not have. Drop --transfer_copies."
+        )
+    if training_args.alpha != 1.0:
+        raise ValueError(
+            f"--transfer_copies needs --alpha 1.0 (got {training_args.alpha}): the transfer rows have no gold "
+            "label for the task term. Pass --alpha 1.0."
+        )
 
 
 # ----- models ------------------------------------------------------------------------------------------------
@@ -1080,10 +1118,13 @@ def build_trainer(
     eval_sets = data["eval"]
     first_eval = next(iter(eval_sets), None)
     metrics_task = metric_task(task, first_eval or "validation")
+    train = data["train"]
+    if train is not None and data_args.transfer_copies > 0:
+        train = transfer_set(train, tokenizer, data_args, training_args.seed)
     kwargs: dict[str, Any] = dict(
         model=student,
         args=training_args,
-        train_dataset=data["train"],
+        train_dataset=train,
         eval_dataset=eval_sets.get(first_eval),
         processing_class=tokenizer,
         data_collator=collator,
@@ -1098,6 +1139,23 @@ def build_trainer(
     if method in QUIZ_METHODS and data["quiz"] is not None:
         kwargs["quiz_dataset"] = data["quiz"]
     return trainer_class(**kwargs)
+
+
+def transfer_set(train: Any, tokenizer: Any, data_args: DataArguments, seed: int) -> Any:
+    """The training rows and their masked copies, unlabelled (``--transfer_copies``)."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError(
+            f"--transfer_copies masks word pieces, but the tokenizer {type(tokenizer).__name__} has no mask token; "
+            "use a tokenizer with one (BERT-style models have [MASK]) or drop --transfer_copies."
+        )
+    return masked_transfer_set(
+        train,
+        tokenizer.mask_token_id,
+        tokenizer.all_special_ids,
+        copies=data_args.transfer_copies,
+        mask_probability=data_args.transfer_mask_probability,
+        seed=seed,
+    )
 
 
 if __name__ == "__main__":

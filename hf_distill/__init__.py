@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "DistillationDataCollator": "data",
     "add_teacher_inputs": "data",
     "cache_teacher_logits": "data",
+    "masked_transfer_set": "transfer",
     "DistillationTrainingArguments": "distillation_config",
     "DistillationTrainer": "distillation_trainer",
     "LearningTeacherTrainingArguments": "learning_teacher_config",

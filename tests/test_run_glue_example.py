@@ -180,6 +180,33 @@ def test_every_method_end_to_end_on_mrpc_rows(method, checkpoints, mrpc_dir, tmp
         assert "## Influence weights" in card and "influence:" in card
 
 
+def test_kd_on_a_transfer_set_distils_the_masked_copies_too(checkpoints, mrpc_dir, tmp_path, capsys):
+    def steps(extra: str) -> int:
+        out = tmp_path / extra.replace(" ", "_")
+        argv = cli("--method kd --alpha 1.0 --task_name mrpc --data_dir", mrpc_dir, "--output_dir", out)
+        argv += (
+            cli("--teacher_model_name_or_path", checkpoints["teacher"], "--student_num_layers 1", extra)
+            + FAST
+        )
+        example.main(argv + cli("--do_train"))
+        return json.loads((out / "trainer_state.json").read_text())["global_step"]
+
+    assert steps("--transfer_copies 0") == 6  # 48 rows, batches of 8
+    assert steps("--transfer_copies 2") == 18  # the 48 rows and 2 masked copies of each
+    assert "Training the student with kd on 144 rows" in capsys.readouterr().out
+
+
+def test_transfer_copies_outside_pure_kd_are_cli_errors(checkpoints, mrpc_dir, tmp_path, capsys):
+    argv = cli("--task_name mrpc --data_dir", mrpc_dir, "--output_dir", tmp_path, "--transfer_copies 1")
+    argv += cli("--teacher_model_name_or_path", checkpoints["teacher"])
+    online = cli_error(capsys, argv + cli("--method online"), example.parse_args)
+    assert online.startswith("--transfer_copies works with --method kd only (got online)")
+    mixed = cli_error(capsys, argv + cli("--method kd --alpha 0.5"), example.parse_args)
+    assert mixed.startswith("--transfer_copies needs --alpha 1.0 (got 0.5)") and "Pass --alpha 1.0" in mixed
+    bad_rate = cli_error(capsys, argv + cli("--method kd --alpha 1.0 --transfer_mask_probability 1"))
+    assert bad_rate.startswith("--transfer_mask_probability must be in (0, 1), got 1.0")
+
+
 def test_teacher_is_fine_tuned_once_then_reused_from_the_cache(checkpoints, mrpc_dir, tmp_path, capsys):
     common = cli(
         "--method kd --task_name mrpc --data_dir",

@@ -435,8 +435,6 @@ def table_lines(
 def report(args: argparse.Namespace, methods: list[str]) -> str:
     records = collect(args, methods)
     task = args.task_name
-    metric = task_metrics(task)[0]
-    label = METRIC_LABELS.get(metric, metric)
     rows = method_rows(args, methods, records)
     teacher: dict[str, float] = {}
     teacher_seconds = None
@@ -446,10 +444,17 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
         teacher, teacher_seconds = cached["eval"], cached["train_seconds"]
     lines = table_lines(args, rows, records, teacher, teacher_seconds)
 
-    by_method = {row["method"]: {r["seed"]: r["eval"][f"eval_{metric}"] for r in row["runs"]} for row in rows}
     against_alone = [(m, "finetune") for m in methods if m != "finetune"]
     against_online = [(m, "online") for m in methods if m in LGTM_FORMS]
-    claims = paired_lines(by_method, against_alone, label) + paired_lines(by_method, against_online, label)
+    claims = []
+    for metric in task_metrics(task):  # every metric of the task, the headline one first
+        by_method = {
+            row["method"]: {r["seed"]: r["eval"][f"eval_{metric}"] for r in row["runs"]} for row in rows
+        }
+        label = METRIC_LABELS.get(metric, metric)
+        claims += paired_lines(by_method, against_alone, label) + paired_lines(
+            by_method, against_online, label
+        )
     majority = majority_scores(args.data_dir, task)
     if majority:
         collapsed = sorted(run_name(*k) for k, r in records.items() if is_collapsed(r, majority, task))
@@ -480,7 +485,7 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
             "",
             *lines,
             "",
-            f"Seed-paired differences in validation {label} (method − baseline, 95% t interval over seeds):",
+            "Seed-paired differences on validation (method − baseline, 95% t interval over seeds):",
             "",
             *(claims or ["- not enough finished runs to compare."]),
             "",

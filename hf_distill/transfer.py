@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .data import TEACHER_PREFIX
+
 LABEL_COLUMNS = ("label", "labels", "label_ids")
 
 
@@ -64,6 +66,13 @@ def masked_transfer_set(
     if "input_ids" not in dataset.column_names:
         raise ValueError(
             f"masked_transfer_set needs a tokenised dataset (an 'input_ids' column); it has {dataset.column_names}."
+        )
+    teacher_columns = [c for c in dataset.column_names if c.startswith(TEACHER_PREFIX)]
+    if teacher_columns:
+        raise ValueError(
+            f"masked_transfer_set masks the student's input_ids only, but the dataset has {teacher_columns}: "
+            "the copies would keep the teacher's unmasked inputs or cached logits. Make the transfer set "
+            "first, then add_teacher_inputs / cache_teacher_logits on it."
         )
     unlabelled = dataset.remove_columns([c for c in LABEL_COLUMNS if c in dataset.column_names])
     protected = set(protected_ids)

@@ -81,3 +81,10 @@ def test_bad_arguments_are_refused(kwargs, message):
 def test_untokenised_data_is_refused():
     with pytest.raises(ValueError, match="needs a tokenised dataset"):
         masked_transfer_set(Dataset.from_dict({"sentence": ["a b"], "label": [0]}), MASK, PROTECTED)
+
+
+@pytest.mark.parametrize("column", ["teacher_input_ids", "teacher_logits"])
+def test_teacher_columns_are_refused(column):
+    data = rows(4).add_column(column, [[1, 2]] * 4)
+    with pytest.raises(ValueError, match=f"has \\['{column}'\\].*Make the transfer set first"):
+        masked_transfer_set(data, MASK, PROTECTED)

@@ -370,6 +370,45 @@ def paired_lines(
     return lines
 
 
+EVOLUTION_KEYS = (  # what LGTM logs every logging step, averaged per epoch and over seeds
+    ("influence_std", "influence std"),
+    ("influence_frac_negative", "share of negative influence"),
+    ("sample_weight_frac_zero", "share of zero teacher weights"),
+    ("sample_weight_max", "largest teacher weight"),
+    ("teacher_kl", "teacher's KL to the student"),
+)
+
+
+def influence_evolution(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
+    """Per LGTM form, how its logged influence statistics move epoch by epoch (mean over its seeds)."""
+    lines = []
+    for row in rows:
+        if row["method"] not in LGTM_FORMS or not row["runs"]:
+            continue
+        by_key: dict[str, dict[int, list[float]]] = {key: {} for key, _ in EVOLUTION_KEYS}
+        for record in row["runs"]:
+            state = (
+                args.out / "runs" / run_name(row["method"], row["lr"], record["seed"]) / "trainer_state.json"
+            )
+            for entry in json.loads(state.read_text())["log_history"] if state.is_file() else []:
+                epoch = min(
+                    int(entry.get("epoch", 0)), int(args.epochs) - 1
+                )  # the last log has epoch == epochs
+                for key, _ in EVOLUTION_KEYS:
+                    if key in entry:
+                        by_key[key].setdefault(epoch, []).append(entry[key])
+        parts = [
+            f"{label} " + " → ".join(f"{statistics.mean(by_key[key][e]):.3g}" for e in sorted(by_key[key]))
+            for key, label in EVOLUTION_KEYS
+            if by_key[key]
+        ]
+        if parts:
+            lines.append(
+                f"- {row['method']} ({len(row['runs'])} seeds), per epoch: " + "; ".join(parts) + "."
+            )
+    return lines
+
+
 def method_rows(args: argparse.Namespace, methods: list[str], records: dict) -> list[dict[str, Any]]:
     grid_seed = args.seeds[0]
     rows = []
@@ -475,6 +514,7 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
                 shutil.copy2(source / name, args.out / f"{form}_{name}")
                 figures.append(args.out / f"{form}_{name}")
 
+    evolution = influence_evolution(args, rows)
     total = sum(r["wall_seconds"] for r in records.values())
     expected = len(methods) * (len(args.lr_grid) + len(args.seeds) - 1)
     text = "\n".join(
@@ -491,6 +531,8 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
             "",
             f"Plot: {plot}" if plot else "Plot: not written (matplotlib missing).",
             *(f"Influence figure: {f}" for f in figures),
+            *(["", "How the influence evolves (logged every logging step):", ""] if evolution else []),
+            *evolution,
             "",
             f"Machine: {machine()}.",
         ]

@@ -1033,6 +1033,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
         )
+        if data_args.transfer_copies and tokenizer.mask_token_id is None:  # before the teacher is fine-tuned
+            raise ValueError(
+                f"--transfer_copies masks word pieces, but the tokenizer {type(tokenizer).__name__} has no mask "
+                "token; use a tokenizer with one (BERT-style models have [MASK]) or drop --transfer_copies."
+            )
         data = prepare_data(data_args, model_args, training_args, tokenizer)
     collator = collator_for(tokenizer, data_args, training_args)
     if data["quiz"] is not None:
@@ -1143,11 +1148,6 @@ def build_trainer(
 
 def transfer_set(train: Any, tokenizer: Any, data_args: DataArguments, seed: int) -> Any:
     """The training rows and their masked copies, unlabelled (``--transfer_copies``)."""
-    if tokenizer.mask_token_id is None:
-        raise ValueError(
-            f"--transfer_copies masks word pieces, but the tokenizer {type(tokenizer).__name__} has no mask token; "
-            "use a tokenizer with one (BERT-style models have [MASK]) or drop --transfer_copies."
-        )
     return masked_transfer_set(
         train,
         tokenizer.mask_token_id,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SHARED, tiny_bert_config, tiny_classifier, tiny_tokenizer
-from transformers import AutoModelForSequenceClassification, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
 from hf_distill.glue import (
     check_glue_columns,
@@ -205,6 +205,19 @@ def test_transfer_copies_outside_pure_kd_are_cli_errors(checkpoints, mrpc_dir, t
     assert mixed.startswith("--transfer_copies needs --alpha 1.0 (got 0.5)") and "Pass --alpha 1.0" in mixed
     bad_rate = cli_error(capsys, argv + cli("--method kd --alpha 1.0 --transfer_mask_probability 1"))
     assert bad_rate.startswith("--transfer_mask_probability must be in (0, 1), got 1.0")
+
+
+def test_transfer_copies_need_a_mask_token_before_the_teacher_is_fine_tuned(
+    checkpoints, mrpc_dir, tmp_path, capsys
+):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["teacher"])
+    tokenizer.mask_token = None
+    tokenizer.save_pretrained(tmp_path / "no_mask")
+    argv = cli("--method kd --alpha 1.0 --transfer_copies 1 --task_name mrpc --data_dir", mrpc_dir)
+    argv += cli("--teacher_model_name_or_path", checkpoints["pretrained"], "--teacher_finetune_epochs 1")
+    argv += cli("--tokenizer_name", tmp_path / "no_mask", "--output_dir", tmp_path / "out") + FAST
+    assert "has no mask token" in cli_error(capsys, argv)
+    assert not (tmp_path / "hf_home").exists()  # no teacher was fine-tuned into the cache
 
 
 def test_teacher_is_fine_tuned_once_then_reused_from_the_cache(checkpoints, mrpc_dir, tmp_path, capsys):

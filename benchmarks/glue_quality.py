@@ -1,7 +1,7 @@
 """Does the method matter? Students of every method on a real GLUE task, seed-paired, with 95% intervals.
 
     python benchmarks/glue_quality.py --task_name mrpc --methods finetune kd --out runs/glue_quality/mrpc
-    python benchmarks/glue_quality.py --task_name cola --methods finetune kd --out runs/glue_quality/cola
+    python benchmarks/glue_quality.py --task_name stsb --methods finetune kd kd_transfer --out runs/glue_quality/stsb
     python benchmarks/glue_quality.py --task_name mrpc --out runs/glue_quality/mrpc --report_only
 
 Every run is ``examples/run_glue_lgtm.py`` called in-process with the same budget: the task from
@@ -391,9 +391,8 @@ def influence_evolution(args: argparse.Namespace, rows: list[dict[str, Any]]) ->
                 args.out / "runs" / run_name(row["method"], row["lr"], record["seed"]) / "trainer_state.json"
             )
             for entry in json.loads(state.read_text())["log_history"] if state.is_file() else []:
-                epoch = min(
-                    int(entry.get("epoch", 0)), int(args.epochs) - 1
-                )  # the last log has epoch == epochs
+                # 0-based epoch; the run's last log has epoch == epochs and belongs to the last one
+                epoch = min(int(entry.get("epoch", 0)), int(args.epochs) - 1)
                 for key, _ in EVOLUTION_KEYS:
                     if key in entry:
                         by_key[key].setdefault(epoch, []).append(entry[key])

@@ -59,7 +59,7 @@ METHODS = (
 REGRESSION_METHODS = ("finetune", "kd", "kd_transfer", "online")  # stsb: the others train classifiers only
 LGTM_FORMS = ("lgtm", "lgtm_weights", "lgtm_pre", "lgtm_scaled", "lgtm_scaled_small_quiz")
 # kd_transfer: kd on a transfer set the teacher labels (the training rows and --transfer_copies masked copies
-# of each, unlabelled; hf_distill.transfer), so the student sees rows the teacher has not memorised.
+# of each, unlabelled; hf_distill.transfer), so the student also sees rows the teacher was not fine-tuned on.
 # lgtm: the reference's meta-gradient form (influence_form="meta_gradient", λ = the teacher's learning rate);
 # lgtm_weights: influence_form="sample_weights" (the influence weights the teacher's per-sample distillation loss);
 # lgtm_pre: LGTM with lgtm_student_targets="pre_update" (the student's real step reuses the lookahead's gradient);

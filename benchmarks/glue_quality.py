@@ -82,6 +82,8 @@ def task_metrics(task: str) -> tuple[str, ...]:
 
 
 def load_example() -> Any:
+    if str(REPO / "examples") not in sys.path:  # the script imports its helpers as python would run it
+        sys.path.insert(0, str(REPO / "examples"))
     spec = importlib.util.spec_from_file_location("run_glue_lgtm", REPO / "examples" / "run_glue_lgtm.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -21,59 +21,48 @@ teacher is cached under $HF_HOME/hf_distill/teachers and reused by later runs wi
 .yaml) gives arguments from a file; the command line overrides it. Without any of ``--do_train``,
 ``--do_eval``, ``--do_predict`` the script trains and evaluates. See docs/examples.md for every option
 and output.
+
+The script is three files, kept side by side: this one (data, training, outputs), ``run_glue_args.py`` (the
+command line) and ``run_glue_models.py`` (loading the models; fine-tuning and caching the teacher).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
-import dataclasses
-import hashlib
 import json
 import logging
-import os
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import torch
 import transformers
+from run_glue_args import (
+    LEARNING_TEACHER,
+    DataArguments,
+    ModelArguments,
+    parse_args,
+    trainer_classes,
+    usage_errors,
+)
+from run_glue_models import (
+    checked_metrics,
+    load_classifier,
+    prepare_teacher,
+    suffixed,
+    zero_classifier,
+)
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
 
-from hf_distill import (
-    DistillationTrainer,
-    DistillationTrainingArguments,
-    InfluenceLoggerCallback,
-    LGTMTrainer,
-    LGTMTrainingArguments,
-    OnlineDistillTrainer,
-    OnlineDistillTrainingArguments,
-    glue_compute_metrics,
-    split_quiz,
-)
-from hf_distill.devices import no_pin_memory_without_accelerator
+from hf_distill import InfluenceLoggerCallback, glue_compute_metrics, split_quiz
 from hf_distill.glue import (
     GLUE_SUBMISSION_FILES,
-    TRAINABLE_GLUE_TASKS,
     eval_split_names,
-    glue_label_names,
-    glue_num_labels,
     load_glue,
     metric_task,
     predictions_from_logits,
@@ -81,466 +70,12 @@ from hf_distill.glue import (
     tokenize_glue,
     write_glue_predictions,
 )
-from hf_distill.metrics import majority_class_metrics, warn_if_collapsed
-from hf_distill.model_sources import describe_teacher
+from hf_distill.metrics import majority_class_metrics
 from hf_distill.transfer import masked_transfer_set
 
 logger = logging.getLogger("run_glue_lgtm")
 
-PROG = "run_glue_lgtm.py"
-USAGE = f"{PROG} --method METHOD --task_name TASK --output_dir DIR [options]"
-METHODS = ("finetune", "kd", "online", "meta", "lgtm")
-METHOD_SUMMARIES = {
-    "finetune": "the student alone (transformers.Trainer); no teacher",
-    "kd": "classic distillation from a frozen, fine-tuned teacher (DistillationTrainer)",
-    "online": "the teacher learns with the student (OnlineDistillTrainer)",
-    "meta": "the teacher learns from the student's quiz loss, second order (MetaDistillTrainer)",
-    "lgtm": "the teacher's update is weighted by each sample's distillation influence (LGTMTrainer)",
-}
-# TrainingArguments worth listing in a method's --help; --help_all lists every one.
-COMMON_TRAINING_OPTIONS = (
-    "output_dir",
-    "do_train",
-    "do_eval",
-    "do_predict",
-    "num_train_epochs",
-    "max_steps",
-    "learning_rate",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "seed",
-    "logging_steps",
-    "eval_strategy",
-    "save_strategy",
-    "report_to",
-    "use_cpu",
-    "bf16",
-    "push_to_hub",
-    "hub_model_id",
-    "resume_from_checkpoint",
-)
-# Without --logging_steps, a run logs 20 times whatever its length (a ratio, as TrainingArguments allows):
-# short runs still show their losses and, for LGTM, the influence statistics its model card summarises.
-DEFAULT_LOGGING_STEPS = 0.05
-LEARNING_TEACHER = frozenset({"online", "meta", "lgtm"})
 QUIZ_METHODS = frozenset({"meta", "lgtm"})
-TEACHER_CACHE_FILE = "hf_distill_teacher.json"
-
-
-def trainer_classes(method: str) -> tuple[type[Trainer], type[TrainingArguments]]:
-    """(trainer, arguments class) of ``method``; the meta trainer is imported only when asked for."""
-    if method == "finetune":
-        return Trainer, TrainingArguments
-    if method == "kd":
-        return DistillationTrainer, DistillationTrainingArguments
-    if method == "online":
-        return OnlineDistillTrainer, OnlineDistillTrainingArguments
-    if method == "lgtm":
-        return LGTMTrainer, LGTMTrainingArguments
-    if method == "meta":
-        try:
-            from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments
-        except ImportError as err:
-            raise ValueError(
-                f"--method meta needs hf_distill.MetaDistillTrainer, which this installation lacks ({err})."
-            ) from err
-        return MetaDistillTrainer, MetaDistillTrainingArguments
-    raise ValueError(f"Unknown --method {method!r}; choose one of {', '.join(METHODS)}.")
-
-
-# ----- arguments -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelArguments:
-    """The method, the teacher and the student."""
-
-    method: str = field(
-        default="lgtm",
-        metadata={"help": f"Training method: {', '.join(METHODS)}.", "choices": METHODS},
-    )
-    teacher_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "The teacher: a checkpoint fine-tuned on the task, or (with --teacher_finetune_epochs) a "
-            "pretrained model the script fine-tunes first. Not needed for --method finetune."
-        },
-    )
-    teacher_finetune_epochs: float = field(
-        default=0.0,
-        metadata={
-            "help": "If > 0, fine-tune the teacher from --teacher_model_name_or_path for this many epochs on "
-            "the training data first. It is cached (see --teacher_cache_dir) and reused by later runs with "
-            "the same teacher, task, data and fine-tuning settings."
-        },
-    )
-    teacher_finetune_learning_rate: float = field(
-        default=5e-5, metadata={"help": "Learning rate of the teacher's fine-tuning."}
-    )
-    teacher_finetune_seed: int = field(
-        default=42,
-        metadata={
-            "help": "Seed of the teacher's fine-tuning (kept apart from --seed so seeds share a teacher)."
-        },
-    )
-    teacher_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Cache of fine-tuned teachers, one folder per teacher, task, data and settings (default: "
-            "$HF_HOME/hf_distill/teachers; HF_HOME defaults to $XDG_CACHE_HOME/huggingface, then "
-            "~/.cache/huggingface)."
-        },
-    )
-    teacher_output_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Save the fine-tuned teacher in exactly this folder instead of the cache (reused from there "
-            "while the settings match)."
-        },
-    )
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "The student's initialisation (default: the teacher's starting checkpoint, "
-            "--teacher_model_name_or_path)."
-        },
-    )
-    student_num_layers: int | None = field(
-        default=None,
-        metadata={
-            "help": "Keep only the first k transformer layers of the student's checkpoint (a DistilBERT/PKD-"
-            "style student made of the teacher's first k layers)."
-        },
-    )
-    init_classifier_to_zero: bool = field(
-        default=False,
-        metadata={
-            "help": "Zero the student's classifier output layer, and the teacher's when it learns (online, "
-            "meta, lgtm), as the LGTM reference's --init_classifier_to_zero."
-        },
-    )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use (default: the student's checkpoint)."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and data."})
-    model_revision: str = field(
-        default="main", metadata={"help": "Revision of Hub models (branch, tag, commit)."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown --method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.method != "finetune" and self.teacher_model_name_or_path is None:
-            raise ValueError(f"--method {self.method} needs --teacher_model_name_or_path.")
-        if self.teacher_model_name_or_path is None and self.model_name_or_path is None:
-            raise ValueError("Give the student with --model_name_or_path (or a teacher to take it from).")
-        if self.teacher_finetune_epochs < 0:
-            raise ValueError(f"--teacher_finetune_epochs must be >= 0, got {self.teacher_finetune_epochs}.")
-        if self.student_num_layers is not None and self.student_num_layers < 1:
-            raise ValueError(f"--student_num_layers must be >= 1, got {self.student_num_layers}.")
-
-
-@dataclass
-class DataArguments:
-    """The GLUE task and where its data comes from."""
-
-    task_name: str = field(metadata={"help": f"GLUE task: {', '.join(TRAINABLE_GLUE_TASKS)}."})
-    dataset_name: str = field(
-        default="glue",
-        metadata={
-            "help": "Hub dataset loaded as load_dataset(dataset_name, task_name) when no local files are given."
-        },
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder with train/validation/test files (.jsonl, .json, .tsv or .csv; mnli: "
-            "validation_matched, validation_mismatched, test_matched, test_mismatched)."
-        },
-    )
-    train_file: str | None = field(default=None, metadata={"help": "Training file (replaces data_dir's)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Validation file (mnli: matched)."})
-    test_file: str | None = field(
-        default=None, metadata={"help": "Test file for --do_predict (mnli: matched)."}
-    )
-    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
-    pad_to_max_length: bool = field(
-        default=False,
-        metadata={"help": "Pad every row to max_seq_length (default: pad each batch to its longest row)."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use the first N rows of each validation set."}
-    )
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Use the first N test rows."})
-    quiz_holdout: float | None = field(
-        default=None,
-        metadata={
-            "help": "Hold this fraction of the training data out for every method (stratified by label; the "
-            "same rows whatever the method or seed): meta and lgtm use it as their quiz data, no method "
-            "trains on it, the teacher is not fine-tuned on it, and the student's score on it goes to "
-            "quiz_results.json, for choosing hyperparameters without the validation set. Unset: meta and "
-            "lgtm carve their own quiz set (--quiz_split), the other methods train on everything."
-        },
-    )
-    quiz_holdout_seed: int = field(default=42, metadata={"help": "Seed of the --quiz_holdout split."})
-    transfer_copies: int = field(
-        default=0,
-        metadata={
-            "help": "kd only: train on a transfer set the teacher labels: the training rows plus this many copies "
-            "of each with --transfer_mask_probability of their word pieces masked. Pure distillation (needs "
-            "--alpha 1.0): the copies have no gold label, and the original rows are distilled without theirs."
-        },
-    )
-    transfer_mask_probability: float = field(
-        default=0.15, metadata={"help": "Fraction of each copy's word pieces masked (see --transfer_copies)."}
-    )
-    # Set by parse_args: evaluation was switched on because no --do_* flag was given.
-    eval_by_default: bool = field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        self.task_name = self.task_name.lower().replace("-", "")
-        if self.task_name not in TRAINABLE_GLUE_TASKS:
-            raise ValueError(
-                f"Unknown --task_name {self.task_name!r}; choose one of {', '.join(TRAINABLE_GLUE_TASKS)}."
-            )
-        if self.quiz_holdout is not None and not 0.0 < self.quiz_holdout < 1.0:
-            raise ValueError(f"--quiz_holdout must be in (0, 1), got {self.quiz_holdout}.")
-        if self.transfer_copies < 0:
-            raise ValueError(f"--transfer_copies must be >= 0, got {self.transfer_copies}.")
-        if not 0.0 < self.transfer_mask_probability < 1.0:
-            raise ValueError(
-                f"--transfer_mask_probability must be in (0, 1), got {self.transfer_mask_probability}."
-            )
-
-
-def _config_to_argv(config: dict[str, Any]) -> list[str]:
-    """``{"alpha": 1.0, "report_to": ["none"]}`` → ``["--alpha", "1.0", "--report_to", "none"]``."""
-    argv: list[str] = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, (list, tuple)):
-            argv += [str(v) for v in value]
-        elif isinstance(value, dict):
-            argv.append(json.dumps(value))
-        else:
-            argv.append(str(value))
-    return argv
-
-
-def load_config(path: str) -> dict[str, Any]:
-    """A JSON or YAML file of arguments (a mapping of argument names to values)."""
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml  # a dependency of transformers
-
-        config = yaml.safe_load(text)
-    else:
-        config = json.loads(text)
-    if not isinstance(config, dict):
-        raise ValueError(f"--config {path} must hold a mapping of argument names to values.")
-    return config
-
-
-# ----- the command line: help and errors ------------------------------------------------------------------
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows an option's default, except for required options and options without one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.required or action.default in (None, argparse.SUPPRESS) or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)" if action.option_strings else text
-
-
-def cli_error(message: str) -> NoReturn:
-    """End the script as argparse does for a bad command line: usage, ``error:`` and exit code 2."""
-    sys.stderr.write(f"usage: {USAGE}\n{PROG}: error: {message}\n")
-    raise SystemExit(2)
-
-
-@contextlib.contextmanager
-def usage_errors(*kinds: type[Exception]) -> Iterator[None]:
-    """Report the user's mistakes raised inside (bad values, missing files) as CLI errors, not tracebacks."""
-    caught = kinds or (ValueError, OSError)
-    try:
-        yield
-    except caught as err:
-        cli_error(str(err))
-
-
-def overview() -> str:
-    """``--help`` without ``--method``: what the script does, the methods, where their options are."""
-    lines = [f"usage: {USAGE}", "", __doc__.split("\n\n")[0], "", "methods (--method):"]
-    lines += [f"  {name:<9} {summary}" for name, summary in METHOD_SUMMARIES.items()]
-    lines += [
-        "",
-        "A method's options:     python examples/run_glue_lgtm.py --method lgtm --help",
-        "Every option:           python examples/run_glue_lgtm.py --method lgtm --help_all",
-        "Offline, on local data: --data_dir path/to/glue/mrpc (train/validation/test .jsonl, .tsv or .csv)",
-        "A pretrained teacher:   --teacher_finetune_epochs 3 fine-tunes it first, once (it is cached)",
-        "Documentation:          docs/examples.md",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _shown(action: argparse.Action) -> argparse.Action:
-    """A copy of ``action`` for a short help: its first spelling only, ``true|false`` for switches."""
-    shown = copy.copy(action)
-    shown.option_strings = action.option_strings[:1]
-    if action.nargs == "?" and action.const is True:
-        shown.metavar = "true|false"
-    return shown
-
-
-def method_help(method: str, parser: HfArgumentParser, args_class: type[TrainingArguments]) -> str:
-    """``--method X --help``: the task and data options, the teacher and student ones, X's own arguments
-    and the common training ones."""
-    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    own = {f.name for f in dataclasses.fields(args_class)} - trainer_fields
-    display = argparse.ArgumentParser(
-        prog=PROG,
-        usage=USAGE.replace("METHOD", method),
-        description=f"--method {method}: {METHOD_SUMMARIES[method]}.",
-        epilog="Every transformers.TrainingArguments option is accepted too: --help_all lists them all.",
-        formatter_class=HelpFormatter,
-        add_help=False,
-    )
-    groups = [
-        ("the task and its data", {f.name for f in dataclasses.fields(DataArguments)}),
-        ("the teacher and the student", {f.name for f in dataclasses.fields(ModelArguments)} - {"method"}),
-        (f"{args_class.__name__}: the {method} method's own options", own),
-        ("common training options (transformers.TrainingArguments)", set(COMMON_TRAINING_OPTIONS)),
-    ]
-    for title, names in groups:
-        actions = [a for a in parser._actions if a.dest in names and a.option_strings]
-        if actions:
-            group = display.add_argument_group(title)
-            for action in actions:
-                if not action.option_strings[0].startswith("--no_"):  # `--x false` says the same
-                    group._add_action(_shown(action))
-    return display.format_help()
-
-
-def build_parser(args_class: type[TrainingArguments]) -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, args_class), prog=PROG, usage=USAGE, formatter_class=HelpFormatter
-    )
-    parser.set_defaults(logging_steps=DEFAULT_LOGGING_STEPS)
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse the command line (and ``--config``) into the three argument dataclasses of ``--method``.
-
-    ``--help`` without ``--method`` describes the script and lists the methods; with ``--method X`` it
-    lists X's options; ``--help_all`` lists every option. Bad values end the script as CLI errors.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
-        argv = ["--config", *argv]  # transformers' convention: the file as the first argument
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("--method", default=None)
-    pre.add_argument("-h", "--help", action="store_true")
-    pre.add_argument("--help_all", action="store_true")
-    known, rest = pre.parse_known_args(argv)
-    with usage_errors():
-        config = load_config(known.config) if known.config else {}
-    method = known.method or config.get("method")
-    if known.help and method is None:
-        print(overview(), end="")
-        raise SystemExit(0)
-    method = method or ModelArguments.method
-    with usage_errors(ValueError):
-        _, args_class = trainer_classes(method)
-    parser = build_parser(args_class)
-    if known.help or known.help_all:
-        print(parser.format_help() if known.help_all else method_help(method, parser, args_class), end="")
-        raise SystemExit(0)
-    # The file's arguments come first, so the command line overrides them.
-    with usage_errors(ValueError):
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-            args=_config_to_argv(config) + rest + ["--method", method]
-        )
-    with usage_errors(ValueError):
-        check_transfer_set(model_args, data_args, training_args)
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        training_args.do_train = training_args.do_eval = True
-        data_args.eval_by_default = True
-    no_pin_memory_without_accelerator(training_args)
-    return model_args, data_args, training_args
-
-
-def check_transfer_set(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
-) -> None:
-    """--transfer_copies is pure distillation from a frozen teacher: refuse the settings it cannot serve."""
-    if data_args.transfer_copies == 0:
-        return
-    if model_args.method != "kd":
-        raise ValueError(
-            f"--transfer_copies works with --method kd only (got {model_args.method}): the other methods' "
-            "teachers or students need the gold labels the copies do not have. Drop --transfer_copies."
-        )
-    if training_args.alpha != 1.0:
-        raise ValueError(
-            f"--transfer_copies needs --alpha 1.0 (got {training_args.alpha}): the transfer rows have no gold "
-            "label for the task term. Pass --alpha 1.0."
-        )
-
-
-# ----- models ------------------------------------------------------------------------------------------------
-
-
-def _has_classifier(config: Any) -> bool:
-    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
-
-
-def load_classifier(
-    path: str, task: str, model_args: ModelArguments, num_layers: int | None = None, role: str = "student"
-) -> nn.Module:
-    """A sequence classifier for ``task`` from ``path``; ``num_layers`` keeps only the first layers."""
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
-    config = AutoConfig.from_pretrained(path, **hub)
-    num_labels = glue_num_labels(task)
-    if _has_classifier(config) and config.num_labels != num_labels:
-        raise ValueError(
-            f"The {role} checkpoint {path} has a classifier with {config.num_labels} outputs, but {task} needs "
-            f"{num_labels}; was it fine-tuned on another task?"
-        )
-    overrides: dict[str, Any] = {"num_labels": num_labels}
-    names = glue_label_names(task)
-    if names is not None:
-        overrides["id2label"] = dict(enumerate(names))
-        overrides["label2id"] = {name: i for i, name in enumerate(names)}
-    if num_layers is not None:
-        available = getattr(config, "num_hidden_layers", None)
-        if available is not None and num_layers > available:
-            raise ValueError(f"--student_num_layers {num_layers} exceeds the {available} layers of {path}.")
-        overrides["num_hidden_layers"] = num_layers
-    return AutoModelForSequenceClassification.from_pretrained(path, **overrides, **hub)
-
-
-def zero_classifier(model: nn.Module) -> None:
-    """Zero the output layer of the classification head (the reference's ``init_classifier_as_zero``).
-
-    Only the last linear layer: zeroing a two-layer head (RoBERTa's) entirely would leave it no gradient.
-    """
-    head = getattr(model, "classifier", None) or getattr(model, "score", None)
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
-    if not linears:
-        raise ValueError(
-            f"--init_classifier_to_zero: no linear classifier head found on {type(model).__name__}."
-        )
-    with torch.no_grad():
-        linears[-1].weight.zero_()
-        if linears[-1].bias is not None:
-            linears[-1].bias.zero_()
 
 
 # ----- data --------------------------------------------------------------------------------------------------
@@ -614,248 +149,6 @@ def prepare_data(
     return out
 
 
-def _content_hash(dataset: Any) -> str:
-    digest = hashlib.sha256()
-    for column in ("input_ids", "label"):
-        digest.update(json.dumps(list(dataset[column])).encode())
-    return digest.hexdigest()[:16]
-
-
-# ----- the teacher ---------------------------------------------------------------------------------------------
-
-
-def checked_metrics(task_split: str, what: str) -> Callable[[Any], dict[str, float]]:
-    """``glue_compute_metrics`` plus a warning when ``what`` predicted one class on every row (for
-    `transformers.Trainer`; hf_distill's trainers warn by themselves)."""
-    compute = glue_compute_metrics(task_split)
-
-    def compute_and_check(prediction: Any) -> dict[str, float]:
-        warn_if_collapsed(prediction.predictions, prediction.label_ids, what)
-        return compute(prediction)
-
-    return compute_and_check
-
-
-def evaluate_model(
-    model: nn.Module, eval_sets: dict[str, Any], task: str, training_args: TrainingArguments, collator: Any
-) -> dict[str, float]:
-    """``eval_*`` metrics of the teacher ``model`` on every validation set (mnli mismatched: suffix ``_mm``)."""
-    metrics: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="teacher_eval_") as scratch:  # evaluation writes nothing there
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_eval_batch_size=training_args.per_device_eval_batch_size,
-            use_cpu=training_args.use_cpu,
-            bf16=training_args.bf16,
-            fp16=training_args.fp16,
-            report_to="none",
-            disable_tqdm=training_args.disable_tqdm,
-            dataloader_pin_memory=training_args.dataloader_pin_memory,
-        )
-        for split, dataset in eval_sets.items():
-            trainer = Trainer(
-                model=model,
-                args=args,
-                data_collator=collator,
-                compute_metrics=checked_metrics(metric_task(task, split), f"The teacher ({split})"),
-            )
-            metrics.update(_suffixed(trainer.evaluate(dataset), split))
-    return metrics
-
-
-def _suffixed(metrics: dict[str, float], split: str) -> dict[str, float]:
-    return {f"{k}_mm" if split.endswith("mismatched") else k: v for k, v in metrics.items()}
-
-
-def default_teacher_cache_dir() -> Path:
-    """``$HF_HOME/hf_distill/teachers``; ``HF_HOME`` defaults to ``$XDG_CACHE_HOME/huggingface``, then
-    ``~/.cache/huggingface``, as in the Hugging Face libraries."""
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    hf_home = os.environ.get("HF_HOME") or os.path.join(cache_home, "huggingface")
-    return Path(hf_home) / "hf_distill" / "teachers"
-
-
-def checkpoint_fingerprint(name_or_path: str, revision: str) -> Any:
-    """What identifies a starting checkpoint: a local folder's weight and config files (name, size,
-    modification time), or a Hub id at its revision."""
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        return f"{name_or_path}@{revision}"
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"}
-    )
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-
-
-def teacher_settings(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, train: Any
-) -> dict[str, Any]:
-    """Everything the fine-tuned teacher depends on: its starting checkpoint, the task, the tokenised
-    training rows and the fine-tuning settings. Equal settings, same teacher."""
-    base = model_args.teacher_model_name_or_path
-    return {
-        "base": base,
-        "base_fingerprint": checkpoint_fingerprint(base, model_args.model_revision),
-        "task": data_args.task_name,
-        "epochs": model_args.teacher_finetune_epochs,
-        "learning_rate": model_args.teacher_finetune_learning_rate,
-        "seed": model_args.teacher_finetune_seed,
-        "batch_size": training_args.per_device_train_batch_size,
-        "weight_decay": training_args.weight_decay,
-        "warmup_steps": training_args.warmup_steps,
-        "max_seq_length": data_args.max_seq_length,
-        "train_sampling_strategy": training_args.train_sampling_strategy,
-        "train_rows": len(train),
-        "train_hash": _content_hash(train),
-    }
-
-
-def teacher_folder(model_args: ModelArguments, settings: dict[str, Any]) -> Path:
-    """``--teacher_output_dir``, or the cache's folder for these settings: ``<task>-<teacher>-<hash>``."""
-    if model_args.teacher_output_dir:
-        return Path(model_args.teacher_output_dir)
-    cache = (
-        Path(model_args.teacher_cache_dir) if model_args.teacher_cache_dir else default_teacher_cache_dir()
-    )
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    name = describe_teacher(settings["base"]).id.replace("/", "--")
-    return cache / f"{settings['task']}-{name}-{key}"
-
-
-def finetune_teacher(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: TrainingArguments,
-    data: dict[str, Any],
-    tokenizer: Any,
-    collator: Any,
-) -> tuple[str, dict[str, Any]]:
-    """Fine-tune the teacher once and cache it; later runs with the same settings reuse it.
-
-    Returns (folder of the fine-tuned teacher, cache record with its settings, metrics and time).
-    """
-    if data["train"] is None:
-        raise ValueError("--teacher_finetune_epochs needs training data to fine-tune the teacher on.")
-    settings = teacher_settings(model_args, data_args, training_args, data["train"])
-    folder = teacher_folder(model_args, settings)
-    eval_rows = {split: len(ds) for split, ds in data["eval"].items()}
-    record_path = folder / TEACHER_CACHE_FILE
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("settings") == settings:
-            print(f"Teacher cache: reusing the teacher fine-tuned earlier, in {folder}", flush=True)
-            if record.get("eval_rows") != eval_rows:  # other validation rows: score it again, cheaply
-                teacher = load_classifier(str(folder), data_args.task_name, model_args, role="teacher")
-                record["eval"] = evaluate_model(
-                    teacher, data["eval"], data_args.task_name, training_args, collator
-                )
-                record["eval_rows"] = eval_rows
-                record_path.write_text(json.dumps(record, indent=2) + "\n")
-            record["cached"] = True
-            return str(folder), record
-        changed = sorted(k for k in settings if record.get("settings", {}).get(k) != settings[k])
-        logger.warning(
-            "The teacher in %s was fine-tuned with other settings (%s): fine-tuning again", folder, changed
-        )
-
-    print(
-        f"Fine-tuning the teacher {model_args.teacher_model_name_or_path} for "
-        f"{model_args.teacher_finetune_epochs:g} epochs on {len(data['train'])} rows. Teacher cache: {folder} "
-        "(later runs with the same teacher, task, data and settings reuse it)",
-        flush=True,
-    )
-    set_seed(model_args.teacher_finetune_seed)
-    teacher = load_classifier(
-        model_args.teacher_model_name_or_path, data_args.task_name, model_args, role="teacher"
-    )
-    args = TrainingArguments(
-        output_dir=str(folder),
-        num_train_epochs=model_args.teacher_finetune_epochs,
-        learning_rate=model_args.teacher_finetune_learning_rate,
-        seed=model_args.teacher_finetune_seed,
-        per_device_train_batch_size=training_args.per_device_train_batch_size,
-        per_device_eval_batch_size=training_args.per_device_eval_batch_size,
-        weight_decay=training_args.weight_decay,
-        warmup_steps=training_args.warmup_steps,
-        train_sampling_strategy=training_args.train_sampling_strategy,
-        use_cpu=training_args.use_cpu,
-        bf16=training_args.bf16,
-        fp16=training_args.fp16,
-        dataloader_num_workers=training_args.dataloader_num_workers,
-        dataloader_pin_memory=training_args.dataloader_pin_memory,
-        disable_tqdm=training_args.disable_tqdm,
-        logging_strategy="epoch",
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-    )
-    trainer = Trainer(
-        model=teacher,
-        args=args,
-        train_dataset=data["train"],
-        processing_class=tokenizer,
-        data_collator=collator,
-    )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    trainer.save_model(str(folder))
-    metrics = evaluate_model(teacher, data["eval"], data_args.task_name, training_args, collator)
-    record = {
-        "settings": settings,
-        "eval": metrics,
-        "eval_rows": eval_rows,
-        "train_seconds": round(seconds, 1),
-        "cached": False,
-    }
-    # Written last: a crash mid-fine-tuning leaves no record, so the next run fine-tunes again.
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
-    return str(folder), record
-
-
-def prepare_teacher(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: TrainingArguments,
-    data: dict[str, Any],
-    tokenizer: Any,
-    collator: Any,
-) -> tuple[nn.Module | None, dict[str, Any]]:
-    """The teacher model (None when there is none) and what to report about it."""
-    if model_args.teacher_model_name_or_path is None:
-        return None, {}
-    task = data_args.task_name
-    info: dict[str, Any] = {"source": model_args.teacher_model_name_or_path}
-    if model_args.teacher_finetune_epochs > 0:
-        path, record = finetune_teacher(model_args, data_args, training_args, data, tokenizer, collator)
-        info.update(path=path, finetune_seconds=record["train_seconds"], cached=record["cached"])
-        teacher = load_classifier(path, task, model_args, role="teacher")
-        info["eval"] = record["eval"]
-    else:
-        path = model_args.teacher_model_name_or_path
-        config = AutoConfig.from_pretrained(
-            path, cache_dir=model_args.cache_dir, revision=model_args.model_revision
-        )
-        if not _has_classifier(config):
-            if model_args.method == "finetune":  # the checkpoint only names the student's initialisation
-                return None, {}
-            message = (
-                f"The teacher {path} has no classification head (architectures={config.architectures}): it is "
-                "not fine-tuned on the task. Add --teacher_finetune_epochs N to fine-tune it first."
-            )
-            if model_args.method not in LEARNING_TEACHER:
-                raise ValueError(message)
-            logger.warning("%s It learns during %s, starting from a new head.", message, model_args.method)
-        info["path"] = path
-        teacher = load_classifier(path, task, model_args, role="teacher")
-        info["eval"] = (
-            evaluate_model(teacher, data["eval"], task, training_args, collator) if data["eval"] else {}
-        )
-    info["layers"] = getattr(teacher.config, "num_hidden_layers", None)
-    info["params"] = teacher.num_parameters()
-    return teacher, info
-
-
 # ----- outputs -------------------------------------------------------------------------------------------------
 
 
@@ -923,7 +216,7 @@ def majority_baseline(task: str, eval_sets: dict[str, Any]) -> dict[str, float] 
         baseline = majority_class_metrics(metric_task(task, split), dataset["label"])
         if baseline is None:
             return None
-        metrics.update(_suffixed({f"eval_{k}": v for k, v in baseline.items()}, split))
+        metrics.update(suffixed({f"eval_{k}": v for k, v in baseline.items()}, split))
     return metrics
 
 
@@ -1001,7 +294,7 @@ def evaluate_student(trainer: Trainer, eval_sets: dict[str, Any], quiz: Any) -> 
     for split, dataset in reversed(eval_sets.items()):
         split_metrics = trainer.evaluate(eval_dataset=dataset)
         split_metrics["eval_samples"] = len(dataset)
-        metrics.update(_suffixed(split_metrics, split))
+        metrics.update(suffixed(split_metrics, split))
     metrics = dict(sorted(metrics.items()))
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)

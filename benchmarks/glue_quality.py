@@ -460,9 +460,8 @@ def table_lines(
     majority = majority_scores(args.data_dir, task)
     if majority:
         cells = " | ".join(f"{100 * majority[f'eval_{m}']:.1f}" for m in metrics)
-        lines.append(
-            f"| majority class (every row '{majority['label']:g}') | — | — | {cells} | — | — | — | — |"
-        )
+        name = "the mean" if task == "stsb" else "majority class"  # a regression has no class
+        lines.append(f"| {name} (every row '{majority['label']:g}') | — | — | {cells} | — | — | — | — |")
     if teacher:
         cells = " | ".join(f"{100 * teacher[f'eval_{m}']:.1f}" for m in metrics)
         lines.append(

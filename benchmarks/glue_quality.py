@@ -497,8 +497,13 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
     majority = majority_scores(args.data_dir, task)
     if majority:
         collapsed = sorted(run_name(*k) for k, r in records.items() if is_collapsed(r, majority, task))
+        constant = (
+            "a constant prediction"
+            if task == "stsb"
+            else "the majority-class predictor (one class on every row)"
+        )
         claims.append(
-            f"- Runs whose student scores exactly the majority-class predictor (one class on every row): "
+            f"- Runs whose student scores exactly {constant}: "
             f"{len(collapsed)} of {len(records)}" + (f" ({', '.join(collapsed)})." if collapsed else ".")
         )
 

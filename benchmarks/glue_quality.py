@@ -3,6 +3,9 @@
     python benchmarks/glue_quality.py --task_name mrpc --methods finetune kd --out runs/glue_quality/mrpc
     python benchmarks/glue_quality.py --task_name stsb --methods finetune kd kd_transfer --out runs/glue_quality/stsb
     python benchmarks/glue_quality.py --task_name mrpc --out runs/glue_quality/mrpc --report_only
+    # a step-matched control: kd_transfer against the student alone trained as many steps, in its own folder
+    python benchmarks/glue_quality.py --task_name stsb --methods kd_transfer --transfer_copies 3 \
+        --out runs/glue_quality/stsb_tr3 --baseline_out runs/glue_quality/stsb_ft12
 
 Every run is ``examples/run_glue_lgtm.py`` called in-process with the same budget: the task from
 ``../shared/data/glue/<task>`` (or ``$HF_DISTILL_SHARED/data/glue/<task>``); the teacher is the real MiniLM-L6
@@ -16,7 +19,7 @@ and runs the other seeds with it. The validation set is used for the reported sc
 The report gives, per method, the task's metrics (mrpc/qqp: F1 and accuracy; cola: Matthews correlation;
 stsb: Pearson and Spearman, for the methods that support regression; accuracy elsewhere), the seed-paired
 difference to ``finetune`` (and of each LGTM form to ``online``) with its 95% t interval, marked where the
-interval excludes 0; the majority-class predictor's scores; and how many runs collapsed to one class.
+interval excludes 0, and to the ``finetune`` runs of every ``--baseline_out`` folder (a step-matched control); the majority-class predictor's scores; and how many runs collapsed to one class.
 
 Resumable: each finished run leaves ``<out>/runs/<method>-lr<lr>-seed<seed>/bench.json`` and is skipped
 next time; the report (``<out>/report.md``, ``<out>/glue_quality_<task>.png`` and the LGTM influence
@@ -234,9 +237,12 @@ def chosen_lr(
     return -max(scored)[1]
 
 
-def collect(args: argparse.Namespace, methods: list[str]) -> dict[tuple[str, float, int], dict]:
+def collect(
+    args: argparse.Namespace, methods: list[str], out: Path | None = None
+) -> dict[tuple[str, float, int], dict]:
+    """The finished runs of ``methods`` in ``out`` (default: ``--out``), by (method, learning rate, seed)."""
     records = {}
-    for path in sorted((args.out / "runs").glob("*/bench.json")):
+    for path in sorted(((out or args.out) / "runs").glob("*/bench.json")):
         record = json.loads(path.read_text())
         if record["method"] in methods:
             records[(record["method"], record["learning_rate"], record["seed"])] = record
@@ -423,6 +429,27 @@ def method_rows(args: argparse.Namespace, methods: list[str], records: dict) -> 
     return rows
 
 
+def baseline_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The student alone (``finetune``) of each ``--baseline_out`` folder, named by its epochs: e.g. the
+    control trained as many steps as a method that adds rows (``kd_transfer``)."""
+    rows = []
+    for folder in args.baseline_out:
+        records = collect(args, ["finetune"], folder)
+        tasks = {r.get("task", args.task_name) for r in records.values()}
+        if not records or tasks != {args.task_name}:
+            raise SystemExit(
+                f"--baseline_out {folder}: no finetune runs of {args.task_name} (found {tasks})."
+            )
+        row = method_rows(args, ["finetune"], records)[0]
+        first = (
+            folder / "runs" / run_name("finetune", row["lr"], row["runs"][0]["seed"]) / "trainer_state.json"
+        )
+        epochs = json.loads(first.read_text())["num_train_epochs"]
+        row["method"] = f"finetune {epochs:g} epochs ({folder.name})"
+        rows.append(row)
+    return rows
+
+
 def table_lines(
     args: argparse.Namespace, rows: list[dict], records: dict, teacher: dict, teacher_seconds: float | None
 ) -> list[str]:
@@ -475,6 +502,8 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
     records = collect(args, methods)
     task = args.task_name
     rows = method_rows(args, methods, records)
+    baselines = baseline_rows(args)
+    rows += baselines
     teacher: dict[str, float] = {}
     teacher_seconds = None
     teacher_record = args.out / "teacher" / "hf_distill_teacher.json"
@@ -484,6 +513,7 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
     lines = table_lines(args, rows, records, teacher, teacher_seconds)
 
     against_alone = [(m, "finetune") for m in methods if m != "finetune"]
+    against_alone += [(m, row["method"]) for row in baselines for m in methods]
     against_online = [(m, "online") for m in methods if m in LGTM_FORMS]
     claims = []
     for metric in task_metrics(task):  # every metric of the task, the headline one first
@@ -529,6 +559,15 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
             + ").",
             "",
             *lines,
+            *(
+                [
+                    "",
+                    f"kd_transfer: {args.transfer_copies} masked copies of every training row, "
+                    f"{args.transfer_mask_probability:g} of their word pieces masked, {args.epochs:g} epochs.",
+                ]
+                if "kd_transfer" in methods
+                else []
+            ),
             "",
             "Seed-paired differences on validation (method − baseline, 95% t interval over seeds):",
             "",
@@ -613,6 +652,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_eval_samples", type=int, default=None, help="smoke tests only")
     p.add_argument("--use_cpu", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--report_only", action="store_true", help="write the report from finished runs")
+    p.add_argument(
+        "--baseline_out",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="other --out folders of the same task whose student alone (finetune) the report adds as "
+        "baselines, paired by seed (e.g. finetune trained as many steps as kd_transfer)",
+    )
     args = p.parse_args(argv)
     args.task_name = args.task_name.lower()
     if args.model_path is None:
@@ -666,7 +713,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[glue_quality] {args.task_name} is regression: {', '.join(skipped)} skipped", flush=True)
         methods = [m for m in methods if m in REGRESSION_METHODS]
     (args.out / "config.json").write_text(
-        json.dumps({**vars(args), "out": str(args.out), "data_dir": str(args.data_dir)}, indent=2) + "\n"
+        json.dumps(
+            {**vars(args), "out": str(args.out), "data_dir": str(args.data_dir)}, indent=2, default=str
+        )
+        + "\n"
     )
     if not args.report_only:
         run_all(args, methods)

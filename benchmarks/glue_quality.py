@@ -308,12 +308,17 @@ def write_plot(rows: list[dict[str, Any]], teacher: dict[str, float], task: str,
             if not values:
                 continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            ax.bar(position, statistics.mean(values), yerr=std, color="#0072B2", alpha=0.6, capsize=4)
-            ax.scatter([position] * len(values), values, color="black", s=12, zorder=3)
+            # Points, not bars: a bar from 0 hides differences of a point or two at scores near 80.
+            ax.errorbar(
+                position, statistics.mean(values), yerr=std, fmt="s", color="#0072B2", capsize=5, ms=7
+            )
+            ax.scatter([position + 0.15] * len(values), values, color="black", s=12, zorder=3)
         if key in teacher:
             ax.axhline(100 * teacher[key], color="#D55E00", linestyle="--", label="teacher")
             ax.legend(fontsize=8, loc="lower right")
-        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
         ax.set_ylabel(f"{task.upper()} validation {METRIC_LABELS.get(metric, metric)} (%)")
     figure.suptitle(
         f"Students on {task.upper()} validation: mean ± std over seeds, dots = seeds", fontsize=10

@@ -18,8 +18,9 @@ and runs the other seeds with it. The validation set is used for the reported sc
 
 The report gives, per method, the task's metrics (mrpc/qqp: F1 and accuracy; cola: Matthews correlation;
 stsb: Pearson and Spearman, for the methods that support regression; accuracy elsewhere), the seed-paired
-difference to ``finetune`` (and of each LGTM form to ``online``) with its 95% t interval, marked where the
-interval excludes 0, and to the ``finetune`` runs of every ``--baseline_out`` folder (a step-matched control); the majority-class predictor's scores; and how many runs collapsed to one class.
+difference to ``finetune`` (and of each LGTM form to ``online``, and to the ``finetune`` runs of every
+``--baseline_out`` folder: a step-matched control) with its 95% t interval, marked where the interval
+excludes 0; the majority-class predictor's scores; and how many runs collapsed to one class.
 
 Resumable: each finished run leaves ``<out>/runs/<method>-lr<lr>-seed<seed>/bench.json`` and is skipped
 next time; the report (``<out>/report.md``, ``<out>/glue_quality_<task>.png`` and the LGTM influence

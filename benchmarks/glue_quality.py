@@ -59,9 +59,10 @@ METHODS = (
     "lgtm_pre",
     "lgtm_scaled",
     "lgtm_scaled_small_quiz",
+    "lgtm_ratio",
 )
 REGRESSION_METHODS = ("finetune", "kd", "kd_transfer", "online")  # stsb: the others train classifiers only
-LGTM_FORMS = ("lgtm", "lgtm_weights", "lgtm_pre", "lgtm_scaled", "lgtm_scaled_small_quiz")
+LGTM_FORMS = ("lgtm", "lgtm_weights", "lgtm_pre", "lgtm_scaled", "lgtm_scaled_small_quiz", "lgtm_ratio")
 # kd_transfer: kd on a transfer set the teacher labels (the training rows and --transfer_copies masked copies
 # of each, unlabelled; hf_distill.transfer), so the student also sees rows the teacher was not fine-tuned on.
 # lgtm: the reference's meta-gradient form (influence_form="meta_gradient", λ = the teacher's learning rate);
@@ -70,6 +71,8 @@ LGTM_FORMS = ("lgtm", "lgtm_weights", "lgtm_pre", "lgtm_scaled", "lgtm_scaled_sm
 # lgtm_scaled: LGTM with influence_scale (λ) = --lgtm_influence_scale instead of the teacher's learning rate.
 # lgtm_scaled_small_quiz: lgtm_scaled with a quiz batch of --small_quiz_batch_size (default batch/4): the cost/
 # quality trade-off of smaller quiz batches, measured where the influence moves the teacher (λ = 1).
+# lgtm_ratio: the meta-gradient form with λ set each step so that the influence part of the teacher's gradient
+# has --lgtm_grad_ratio times the norm of its auxiliary part (influence_grad_ratio).
 TASK_METRICS = {
     "mrpc": ("f1", "accuracy"),
     "qqp": ("f1", "accuracy"),
@@ -160,6 +163,8 @@ def run_argv(args: argparse.Namespace, method: str, lr: float, seed: int, output
         argv += ["--lgtm_student_targets", "pre_update"]
     if method in ("lgtm_scaled", "lgtm_scaled_small_quiz"):
         argv += ["--influence_scale", str(args.lgtm_influence_scale)]
+    if method == "lgtm_ratio":
+        argv += ["--influence_grad_ratio", str(args.lgtm_grad_ratio)]
     if method == "lgtm_scaled_small_quiz":
         argv += ["--quiz_batch_size", str(args.small_quiz_batch_size or max(1, args.batch_size // 4))]
     if method == "meta":
@@ -637,6 +642,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="λ of the lgtm_scaled method (lgtm: teacher lr)",
+    )
+    p.add_argument(
+        "--lgtm_grad_ratio",
+        type=float,
+        default=0.1,
+        help="influence_grad_ratio of the lgtm_ratio method: the influence term at a tenth of the auxiliary "
+        "gradient's norm steers the teacher without replacing its own loss",
     )
     p.add_argument(
         "--small_quiz_batch_size",

@@ -449,7 +449,8 @@ def baseline_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         tasks = {r.get("task", args.task_name) for r in records.values()}
         if not records or tasks != {args.task_name}:
             raise SystemExit(
-                f"--baseline_out {folder}: no finetune runs of {args.task_name} (found {tasks})."
+                f"--baseline_out {folder}: no finetune runs of {args.task_name} (found {tasks or 'none'}); "
+                f"give an --out folder of `--task_name {args.task_name} --methods finetune` runs."
             )
         row = method_rows(args, ["finetune"], records)[0]
         first = (

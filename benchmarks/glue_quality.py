@@ -446,7 +446,7 @@ def baseline_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for folder in args.baseline_out:
         records = collect(args, ["finetune"], folder)
-        tasks = {r.get("task", args.task_name) for r in records.values()}
+        tasks = {r.get("task", "unrecorded") for r in records.values()}
         if not records or tasks != {args.task_name}:
             raise SystemExit(
                 f"--baseline_out {folder}: no finetune runs of {args.task_name} (found {tasks or 'none'}); "

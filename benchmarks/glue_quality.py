@@ -551,7 +551,7 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
 
     plot = write_plot(rows, teacher, task, args.out / f"glue_quality_{task}.png")
     figures = []
-    for form in ("lgtm", "lgtm_weights"):
+    for form in LGTM_FORMS:
         row = next((row for row in rows if row["method"] == form and row["runs"]), None)
         if row is None:
             continue

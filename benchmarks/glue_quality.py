@@ -342,7 +342,7 @@ def majority_scores(data_dir: Path, task: str) -> dict[str, Any] | None:
     path = data_dir / "validation.jsonl"
     if not path.is_file():
         return None
-    from hf_distill.metrics import glue_metrics
+    from hf_distill.glue.metrics import glue_metrics
 
     labels = [json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip()]
     if task == "stsb":
@@ -365,7 +365,7 @@ def paired_lines(
     by_method: dict[str, dict[int, float]], pairs: list[tuple[str, str]], label: str
 ) -> list[str]:
     """One line per pair: mean seed-paired difference (points) and its 95% t interval."""
-    from hf_distill.metrics import paired_difference_interval
+    from paired_stats import paired_difference_interval  # benchmarks/, beside this script
 
     lines = []
     for better, base in pairs:
@@ -707,7 +707,7 @@ def covering_length(train_file: Path, model_path: str, task: str, cap: int = 64)
     """
     from transformers import AutoTokenizer
 
-    from hf_distill.glue import GLUE_TASK_KEYS
+    from hf_distill.glue.data import GLUE_TASK_KEYS
 
     first, second = GLUE_TASK_KEYS[task]
     rows = [json.loads(line) for line in train_file.read_text().splitlines() if line.strip()]
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> None:
     if "meta" in methods and not meta_available():
         print("[glue_quality] hf_distill.meta is not available: meta skipped", flush=True)
         methods.remove("meta")
-    from hf_distill.metrics import is_regression_task
+    from hf_distill.glue.metrics import is_regression_task
 
     if is_regression_task(args.task_name):
         skipped = [m for m in methods if m not in REGRESSION_METHODS]

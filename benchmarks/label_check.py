@@ -16,8 +16,8 @@ import time
 import datasets
 import numpy as np
 
-from hf_distill.label_checks import check_label_range
-from hf_distill.quiz import split_quiz
+from hf_distill.data.label_checks import check_label_range
+from hf_distill.data.quiz import split_quiz
 
 
 def best_of(repeats: int, run) -> float:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from hf_distill.nonfinite import NonFiniteMonitor
+from hf_distill.safety.nonfinite import NonFiniteMonitor
 
 
 def main() -> None:

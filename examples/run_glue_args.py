@@ -24,8 +24,8 @@ from hf_distill import (
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
-from hf_distill.devices import no_pin_memory_without_accelerator
-from hf_distill.glue import TRAINABLE_GLUE_TASKS
+from hf_distill.distributed import no_pin_memory_without_accelerator
+from hf_distill.glue.data import TRAINABLE_GLUE_TASKS
 
 DESCRIPTION = "Distil a GLUE task with any hf_distill method: the student alone, KD, online, meta or LGTM."
 

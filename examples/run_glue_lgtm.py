@@ -60,7 +60,8 @@ from transformers import (
 )
 
 from hf_distill import InfluenceLoggerCallback, glue_compute_metrics, split_quiz
-from hf_distill.glue import (
+from hf_distill.data.transfer import masked_transfer_set
+from hf_distill.glue.data import (
     GLUE_SUBMISSION_FILES,
     eval_split_names,
     load_glue,
@@ -70,8 +71,7 @@ from hf_distill.glue import (
     tokenize_glue,
     write_glue_predictions,
 )
-from hf_distill.metrics import majority_class_metrics
-from hf_distill.transfer import masked_transfer_set
+from hf_distill.glue.metrics import majority_class_metrics
 
 logger = logging.getLogger("run_glue_lgtm")
 

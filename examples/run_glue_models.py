@@ -19,9 +19,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
 
 from hf_distill import glue_compute_metrics
-from hf_distill.glue import glue_label_names, glue_num_labels, metric_task
-from hf_distill.metrics import warn_if_collapsed
-from hf_distill.model_sources import describe_teacher
+from hf_distill.glue.data import glue_label_names, glue_num_labels, metric_task
+from hf_distill.publishing.model_sources import describe_teacher
+from hf_distill.safety.collapse import warn_if_collapsed
 
 logger = logging.getLogger("run_glue_lgtm")
 

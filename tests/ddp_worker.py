@@ -24,9 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from conftest import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
+from testing_utils import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
 
-import hf_distill.learning_teacher_trainer  # noqa: E402
+import hf_distill.trainers.learning_teacher_trainer  # noqa: E402
 from hf_distill import (  # noqa: E402
     LGTMTrainer,
     LGTMTrainingArguments,
@@ -79,7 +79,7 @@ def train_once(
         ddp_backend="gloo" if distributed else None,
     )
     calls = []
-    real_average = hf_distill.learning_teacher_trainer.average_gradients_across_processes
+    real_average = hf_distill.trainers.learning_teacher_trainer.average_gradients_across_processes
 
     def counted_average(params):
         calls.append(len(params))
@@ -88,7 +88,7 @@ def train_once(
     def skipped_average(params):
         calls.append(len(params))
 
-    hf_distill.learning_teacher_trainer.average_gradients_across_processes = (
+    hf_distill.trainers.learning_teacher_trainer.average_gradients_across_processes = (
         counted_average if sync_teacher else skipped_average
     )
     try:
@@ -105,7 +105,7 @@ def train_once(
         )
         trainer.train()
     finally:
-        hf_distill.learning_teacher_trainer.average_gradients_across_processes = real_average
+        hf_distill.trainers.learning_teacher_trainer.average_gradients_across_processes = real_average
     path = outdir / f"{tag}_rank{rank}.pt"
     torch.save(
         {

@@ -23,11 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from conftest import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
+from testing_utils import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hf_distill import OnlineDistillTrainer, OnlineDistillTrainingArguments  # noqa: E402
-from hf_distill.teacher import TEACHER_CHECKPOINT_DIR, TEACHER_WEIGHTS_NAME  # noqa: E402
+from hf_distill.teacher.checkpoint import TEACHER_CHECKPOINT_DIR, TEACHER_WEIGHTS_NAME  # noqa: E402
 
 ROWS = 40  # 5 steps of 8 rows per epoch: a resume from step 3 skips batches and crosses an epoch boundary
 BATCH = 8

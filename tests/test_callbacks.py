@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import keyword_dataset, tiny_classifier, tiny_run_args
 from tensorboard.backend.event_processing import event_accumulator
+from testing_utils import keyword_dataset, tiny_classifier, tiny_run_args
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_distill import InfluenceLoggerCallback, LGTMTrainer, LGTMTrainingArguments

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hf_distill.checksums import (
+from hf_distill.safety.checksums import (
     MANIFEST_NAME,
     CheckpointIntegrityError,
     file_sha256,

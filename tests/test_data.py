@@ -5,11 +5,11 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from conftest import VOCAB, tiny_tokenizer
+from testing_utils import VOCAB, tiny_tokenizer
 from transformers import DataCollatorWithPadding
 
 from hf_distill import DistillationBatch, DistillationDataCollator
-from hf_distill.data import dataset_columns, has_columns, split_batch
+from hf_distill.data.batch import dataset_columns, has_columns, split_batch
 
 
 def collated() -> dict:

@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, keyword_dataset, tiny_bert_config, tiny_classifier, tiny_run_args, tiny_tokenizer
+from testing_utils import (
+    VOCAB,
+    keyword_dataset,
+    tiny_bert_config,
+    tiny_classifier,
+    tiny_run_args,
+    tiny_tokenizer,
+)
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
@@ -345,7 +352,7 @@ def test_evaluation_warns_when_the_student_predicts_one_class(tmp_path, tokenize
         processing_class=tokenizer,
         compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
     )
-    with caplog.at_level("WARNING", logger="hf_distill.metrics"):
+    with caplog.at_level("WARNING", logger="hf_distill.safety.collapse"):
         metrics = trainer.evaluate()
     assert metrics["eval_accuracy"] == 0.5
     assert "The student (kd) predicted class 1 on all 16 evaluation rows" in caplog.text

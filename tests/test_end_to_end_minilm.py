@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 import torch
-from conftest import SHARED
+from testing_utils import SHARED
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, glue_compute_metrics

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import TINY_RUN, keyword_dataset, tiny_classifier, tiny_run_args
+from testing_utils import TINY_RUN, keyword_dataset, tiny_classifier, tiny_run_args
 from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_distill import (
@@ -25,12 +25,12 @@ from hf_distill import (
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
-from hf_distill.checksums import CheckpointIntegrityError
-from hf_distill.master_weights import MasterWeightsAdamW
-from hf_distill.model_card import usage_lines
-from hf_distill.nonfinite import NonFiniteError, first_nonfinite_parameter
-from hf_distill.quiz import split_quiz
-from hf_distill.teacher import save_teacher_state
+from hf_distill.data.quiz import split_quiz
+from hf_distill.publishing.model_card import usage_lines
+from hf_distill.safety.checksums import CheckpointIntegrityError
+from hf_distill.safety.nonfinite import NonFiniteError, first_nonfinite_parameter
+from hf_distill.teacher.checkpoint import save_teacher_state
+from hf_distill.teacher.master_weights import MasterWeightsAdamW
 
 # ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
 

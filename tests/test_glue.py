@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 
-from hf_distill.glue import (
+from hf_distill.glue.data import (
     eval_split_names,
     glue_label_names,
     glue_num_labels,
@@ -16,9 +16,7 @@ from hf_distill.glue import (
     score_predictions,
     tokenize_glue,
 )
-from hf_distill.glue import (
-    test_split_names as glue_test_split_names,  # not a test: renamed so that pytest does not collect it
-)
+from hf_distill.glue.data import test_split_names as glue_test_split_names
 
 
 def test_label_names_and_head_sizes():

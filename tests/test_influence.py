@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_classifier
+from testing_utils import tiny_classifier
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hf_distill.influence import (
+from hf_distill.losses.influence import (
     adamw_lookahead,
     clip_coefficient,
     exact_logit_influence,
@@ -21,7 +21,7 @@ from hf_distill.influence import (
     ratio_influence_scale,
     sgd_lookahead,
 )
-from hf_distill.objectives import kl_divergence
+from hf_distill.losses.objectives import kl_divergence
 
 
 def per_sample_teacher_kl(student_logits, teacher_logits):

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from hf_distill.label_checks import (
+from hf_distill.data.label_checks import (
     check_label_range,
     check_not_empty,
     find_label_column,

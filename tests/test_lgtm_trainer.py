@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from testing_utils import (
     assert_same_parameters,
     keyword_dataset,
     tiny_classifier,
@@ -132,7 +132,7 @@ def test_influence_scale_changes_the_teacher_update(tmp_path, tokenizer):
 def test_sample_weights_form_weights_each_samples_teacher_distillation_term(tmp_path, tokenizer, monkeypatch):
     """The teacher's gradient is that of α_t · mean_i ŵ_i KL_i(p_s ‖ p_t) + (1 − α_t) · CE, with ŵ the normalised
     influence: a sample with weight 0 adds nothing to the distillation term (checked against a manual loss)."""
-    import hf_distill.lgtm_trainer as lgtm_module
+    import hf_distill.trainers.lgtm_trainer as lgtm_module
 
     chosen = torch.tensor([0.0, 2.0, 1.0, 0.0, 1.5, 0.5, 1.0, 2.0])
     seen = {}
@@ -350,7 +350,7 @@ def test_quiz_rows_never_appear_in_training_batches(tmp_path, tokenizer):
 
 def test_eval_set_as_quiz_is_explicit_and_warned(tmp_path, tokenizer, caplog):
     data = keyword_dataset(24)
-    with caplog.at_level(logging.WARNING, logger="hf_distill.quiz_trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.trainers.quiz_trainer"):
         trainer = LGTMTrainer(
             model=tiny_classifier(1),
             teacher_model=tiny_classifier(2),

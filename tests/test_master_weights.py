@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from hf_distill.master_weights import MasterWeightsAdamW, has_half_precision
+from hf_distill.teacher.master_weights import MasterWeightsAdamW, has_half_precision
 
 
 def _run(params: list[torch.Tensor], optimizer, grads: list[list[torch.Tensor]]) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_classifier
+from testing_utils import tiny_classifier
 
-from hf_distill.meta_gradient import check_second_order_support, meta_gradient, pilot_step
+from hf_distill.losses.meta_gradient import check_second_order_support, meta_gradient, pilot_step
 
 
 def quadratic_pilot(eta: float):

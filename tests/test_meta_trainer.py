@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from testing_utils import (
     assert_same_parameters,
     keyword_dataset,
     tiny_classifier,
@@ -18,7 +18,7 @@ from conftest import (
 )
 from transformers import TrainerCallback
 
-import hf_distill.meta_trainer
+import hf_distill.trainers.meta_trainer
 from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments, glue_compute_metrics, kl_divergence
 
 
@@ -405,7 +405,9 @@ def test_settings_without_double_backward_are_refused_before_training(tmp_path, 
 
 def test_an_op_without_double_backward_fails_clearly_before_any_update(tmp_path, tokenizer, monkeypatch):
     # Without the switch to SDPA's math backend, the fused CPU kernel has no double backward.
-    monkeypatch.setattr(hf_distill.meta_trainer, "sdpa_kernel", lambda *backends: contextlib.nullcontext())
+    monkeypatch.setattr(
+        hf_distill.trainers.meta_trainer, "sdpa_kernel", lambda *backends: contextlib.nullcontext()
+    )
     trainer = make_trainer(tmp_path, tokenizer, max_steps=2)
     student_before = copy.deepcopy(trainer.model.state_dict())
     teacher_before = copy.deepcopy(trainer.teacher_model.state_dict())

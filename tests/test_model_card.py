@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import ModelCard
 
-from hf_distill.model_card import (
+from hf_distill.publishing.model_card import (
     METHODS,
     DistillationRun,
     build_model_card,
@@ -15,7 +15,7 @@ from hf_distill.model_card import (
     influence_paragraph,
     summarize_influence,
 )
-from hf_distill.model_sources import LOCAL, TeacherInfo
+from hf_distill.publishing.model_sources import LOCAL, TeacherInfo
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -6,7 +6,7 @@ import json
 
 import datasets
 
-from hf_distill.model_sources import (
+from hf_distill.publishing.model_sources import (
     LOCAL,
     TeacherInfo,
     dataset_name_and_tags,

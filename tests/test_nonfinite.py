@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_distill.nonfinite import (
+from hf_distill.safety.nonfinite import (
     NonFiniteError,
     NonFiniteMonitor,
     check_finite_weights,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_distill.objectives import (
+from hf_distill.losses.objectives import (
     DISTILL_LOSSES,
     dist_loss,
     distillation_loss,
@@ -692,7 +692,7 @@ def test_token_mask_none_without_labels_or_attention():
 
 
 def test_registry_entries_carry_the_properties_callers_need():
-    from hf_distill.objectives import DISTILL_LOSS_REGISTRY, DistillationObjective
+    from hf_distill.losses.objectives import DISTILL_LOSS_REGISTRY, DistillationObjective
 
     assert set(DISTILL_LOSS_REGISTRY) == set(DISTILL_LOSSES)
     mse = DISTILL_LOSS_REGISTRY["mse"]
@@ -713,7 +713,7 @@ def test_registry_entries_carry_the_properties_callers_need():
 
 
 def test_online_teacher_loss_treats_the_student_as_a_constant_target():
-    from hf_distill.objectives import online_teacher_loss
+    from hf_distill.losses.objectives import online_teacher_loss
 
     z_t = torch.randn(5, 3, requires_grad=True)
     z_s = torch.randn(5, 3, requires_grad=True)
@@ -730,7 +730,7 @@ def test_online_teacher_loss_treats_the_student_as_a_constant_target():
 
 
 def test_labelled_cross_entropy_ignores_minus_100_and_never_divides_by_zero():
-    from hf_distill.objectives import labelled_cross_entropy
+    from hf_distill.losses.objectives import labelled_cross_entropy
 
     logits = torch.randn(5, 3, requires_grad=True)
     labels = torch.tensor([0, -100, 2, 1, -100])

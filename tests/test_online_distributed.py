@@ -28,9 +28,13 @@ def _gloo_available() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_gloo_available()
 
 
-pytestmark = pytest.mark.skipif(
-    not _gloo_available(), reason="torch.distributed with the gloo backend is not available"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not _gloo_available(), reason="torch.distributed with the gloo backend is not available"
+    ),
+]
 
 
 def _free_port() -> int:

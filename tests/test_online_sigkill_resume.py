@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # separate processes, killed mid-run: minutes, not seconds
+
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "resume_worker.py"
 RUN_TIMEOUT_S = 180

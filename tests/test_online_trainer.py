@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from testing_utils import (
     assert_same_parameters,
     keyword_dataset,
     tiny_classifier,

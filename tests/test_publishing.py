@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import keyword_dataset, tiny_classifier
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
+from testing_utils import keyword_dataset, tiny_classifier
 from transformers import AutoModelForSequenceClassification
 
 from hf_distill import (
@@ -29,9 +29,9 @@ from hf_distill import (
     OnlineDistillTrainingArguments,
     glue_compute_metrics,
 )
-from hf_distill.model_sources import TeacherInfo
-from hf_distill.publishing import HUB_STAGING_DIR
-from hf_distill.teacher import load_teacher
+from hf_distill.publishing.hub import HUB_STAGING_DIR
+from hf_distill.publishing.model_sources import TeacherInfo
+from hf_distill.teacher.loading import load_teacher
 
 STUDENT_FILES = {
     "README.md",
@@ -97,7 +97,7 @@ ARGS = {
     "lgtm": LGTMTrainingArguments,
 }
 TRAINERS = {"kd": DistillationTrainer, "online": OnlineDistillTrainer, "lgtm": LGTMTrainer}
-if importlib.util.find_spec("hf_distill.meta_trainer") is not None:
+if importlib.util.find_spec("hf_distill.trainers.meta_trainer") is not None:
     try:
         from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments
 
@@ -237,7 +237,7 @@ def test_card_names_the_teacher_given_as_a_hub_id(tmp_path, tokenizer, hub):
 
 
 def test_teacher_given_as_a_path_and_revision(tmp_path, tokenizer, hub):
-    from hf_distill.publishing import teacher_source as _teacher_source
+    from hf_distill.publishing.hub import teacher_source as _teacher_source
 
     folder = tmp_path / "teacher"
     tiny_classifier(2, seed=1).save_pretrained(folder)

@@ -7,7 +7,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from hf_distill.quiz import quiz_indices, split_quiz
+from hf_distill.data.quiz import quiz_indices, split_quiz
 
 
 def labelled(n: int, labels) -> datasets.Dataset:

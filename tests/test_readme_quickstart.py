@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from testing_utils import SHARED
 
 REPO = Path(__file__).resolve().parents[1]
 MRPC = SHARED / "data" / "glue" / "mrpc"

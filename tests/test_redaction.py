@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_distill import DistillationTrainingArguments, LGTMTrainingArguments
-from hf_distill.redaction import REDACTED, is_secret_key, redact_secrets
+from hf_distill.safety.redaction import REDACTED, is_secret_key, redact_secrets
 
 SECRET = "hf_abcdefSECRET123"
 

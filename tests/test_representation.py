@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import keyword_dataset, tiny_bert_config, tiny_classifier
 from safetensors.torch import load_file
+from testing_utils import keyword_dataset, tiny_bert_config, tiny_classifier
 from transformers import BertForSequenceClassification
 
 from hf_distill import (
@@ -22,7 +22,7 @@ from hf_distill import (
     OnlineDistillTrainingArguments,
     cache_teacher_logits,
 )
-from hf_distill.representation import (
+from hf_distill.losses.representation import (
     HEADS_FILE,
     MemoryBank,
     RepresentationHeads,

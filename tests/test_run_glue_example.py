@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED, tiny_bert_config, tiny_classifier, tiny_tokenizer
+from testing_utils import SHARED, tiny_bert_config, tiny_classifier, tiny_tokenizer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
-from hf_distill.glue import (
+from hf_distill.glue.data import (
     check_glue_columns,
     find_split_files,
     load_glue,

@@ -6,25 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.utils import extract_model_from_parallel
-from conftest import tiny_classifier
 from peft import LoraConfig, get_peft_model
+from testing_utils import tiny_classifier
 
-from hf_distill.teacher import (
-    SEQUENCE_CLASSIFICATION,
+from hf_distill.distributed import all_reduce_mean, zeros_for_missing
+from hf_distill.teacher.checkpoint import (
     TEACHER_CHECKPOINT_DIR,
-    all_reduce_mean,
-    check_teacher_student_compatible,
-    count_parameters,
-    create_teacher_optimizer,
-    freeze,
-    load_teacher,
     load_teacher_optimizer_state,
     load_teacher_weights,
     save_teacher_state,
-    task_type,
-    trainable_parameters,
-    zeros_for_missing,
 )
+from hf_distill.teacher.loading import (
+    SEQUENCE_CLASSIFICATION,
+    check_teacher_student_compatible,
+    count_parameters,
+    freeze,
+    load_teacher,
+    task_type,
+)
+from hf_distill.teacher.optimizer import create_teacher_optimizer, trainable_parameters
 
 
 def test_freeze_and_task_type():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from hf_distill.transfer import mask_tokens, masked_transfer_set
+from hf_distill.data.transfer import mask_tokens, masked_transfer_set
 
 MASK, CLS, SEP, PAD = 4, 2, 3, 0
 PROTECTED = {CLS, SEP, PAD, MASK}

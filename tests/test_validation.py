@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from hf_distill.validation import check_finite, check_integer, describe_range
+from hf_distill.safety.validation import check_finite, check_integer, describe_range
 
 
 @pytest.mark.parametrize(

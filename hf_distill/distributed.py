@@ -1,0 +1,94 @@
+"""Processes and devices: unwrapping models, cross-process means and broadcasts, and defaults that
+depend on the hardware the run finds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast, reduce
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a PEFT, DDP or DeepSpeed wrapper."""
+    while True:
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engine
+            model = model.module
+        else:
+            return model
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of each tensor over all processes, as one flat `accelerate.utils.reduce`; unchanged in a
+    single process. Explicit because the gradients it averages come from `torch.autograd.grad`, which
+    bypasses DDP's reducer."""
+    if not is_distributed() or not tensors:
+        return tensors
+    flat = reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="mean")
+    return [
+        chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+    ]
+
+
+def zeros_for_missing(
+    grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``grads`` with each ``None`` (a parameter the loss does not reach) replaced by zeros of its shape."""
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def average_gradients_across_processes(parameters: list[torch.nn.Parameter]) -> None:
+    """Mean of each gradient over all ranks.
+
+    The teacher is not wrapped in DDP (its gradients may come from torch.autograd.grad, which bypasses
+    DDP's reducer), so its gradients are averaged explicitly.
+    """
+    grads = zeros_for_missing([p.grad for p in parameters], parameters)
+    for p, g in zip(parameters, all_reduce_mean(grads), strict=True):
+        p.grad = g
+
+
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s teacher, as DDP does for the student (in place)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        broadcast([t.data for t in list(model.parameters()) + list(model.buffers())], from_process=src)
+
+
+# ----- devices ---------------------------------------------------------------------------------------------
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, ROCm, MPS, XPU, ...) that pinned memory would serve."""
+    return bool(torch.accelerator.is_available())  # what torch's DataLoader asks before pinning
+
+
+def no_pin_memory_without_accelerator(args: Any) -> Any:
+    """Turn ``args.dataloader_pin_memory`` off when there is no accelerator (or ``use_cpu``); returns ``args``.
+
+    Pinned memory only speeds up copies to an accelerator; without one, torch's DataLoader warns at every
+    loader that pinning was asked for and does nothing. `TrainingArguments` turns it off for ``use_cpu``
+    only; our argument classes do it whenever no accelerator is present, and the examples apply this to
+    their plain `TrainingArguments`.
+    """
+    if getattr(args, "dataloader_pin_memory", False) and (args.use_cpu or not accelerator_available()):
+        args.dataloader_pin_memory = False
+    return args

@@ -1,0 +1,68 @@
+"""The teacher: loading and placing it (``loading``), its optimizer when it learns (``optimizer``, with
+fp32 master weights in ``master_weights``) and its state in checkpoints (``checkpoint``)."""
+
+from .checkpoint import (
+    TEACHER_CHECKPOINT_DIR,
+    TEACHER_OPTIMIZER_NAME,
+    TEACHER_SCHEDULER_NAME,
+    TEACHER_WEIGHTS_NAME,
+    check_teacher_checkpoint,
+    load_teacher_optimizer_state,
+    load_teacher_weights,
+    save_teacher_state,
+    teacher_state_dir,
+)
+from .loading import (
+    CAUSAL_LM,
+    MASKED_LM,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
+    TOKEN_LEVEL_TASKS,
+    check_teacher_student_compatible,
+    count_parameters,
+    forward_arg_names,
+    freeze,
+    load_teacher,
+    output_width,
+    prepare_frozen_teacher,
+    task_type,
+    untrained_head_parameters,
+)
+from .optimizer import (
+    check_learning_teacher_supported,
+    check_teacher_can_learn,
+    create_teacher_optimizer,
+    enable_activation_checkpointing,
+    trainable_parameters,
+)
+
+__all__ = [
+    "CAUSAL_LM",
+    "MASKED_LM",
+    "SEQUENCE_CLASSIFICATION",
+    "TEACHER_CHECKPOINT_DIR",
+    "TEACHER_OPTIMIZER_NAME",
+    "TEACHER_SCHEDULER_NAME",
+    "TEACHER_WEIGHTS_NAME",
+    "TOKEN_CLASSIFICATION",
+    "TOKEN_LEVEL_TASKS",
+    "check_learning_teacher_supported",
+    "check_teacher_can_learn",
+    "check_teacher_checkpoint",
+    "check_teacher_student_compatible",
+    "count_parameters",
+    "create_teacher_optimizer",
+    "enable_activation_checkpointing",
+    "forward_arg_names",
+    "freeze",
+    "load_teacher",
+    "load_teacher_optimizer_state",
+    "load_teacher_weights",
+    "output_width",
+    "prepare_frozen_teacher",
+    "save_teacher_state",
+    "task_type",
+    "teacher_state_dir",
+    "trainable_parameters",
+    "untrained_head_parameters",
+]

@@ -1,0 +1,176 @@
+"""A learning teacher's state in a checkpoint: written atomically with a SHA-256 manifest, verified
+before a resume trusts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..distributed import unwrap_model
+from ..safety.checksums import (
+    MANIFEST_NAME,
+    CheckpointIntegrityError,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
+from ..safety.nonfinite import check_finite_weights
+from .optimizer import trainable_parameters
+
+logger = logging.getLogger(__name__)
+
+
+TEACHER_CHECKPOINT_DIR = "teacher"
+
+
+TEACHER_WEIGHTS_NAME = "trainable.safetensors"
+
+
+TEACHER_OPTIMIZER_NAME = "optimizer.pt"
+
+
+TEACHER_SCHEDULER_NAME = "scheduler.pt"
+
+
+def save_teacher_state(
+    checkpoint_dir: str | os.PathLike,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+) -> Path:
+    """Write the teacher's trainable weights (safetensors), optimizer and scheduler into ``checkpoint_dir/teacher``.
+
+    Written to a temporary folder that is renamed at the end, so a crash never leaves a half-written
+    teacher that a resume would trust; ``manifest.json`` records each file's size and SHA-256.
+    """
+    check_finite_weights(teacher, "teacher", "write the teacher into a checkpoint")
+    target = Path(checkpoint_dir) / TEACHER_CHECKPOINT_DIR
+    staging = Path(checkpoint_dir) / f".{TEACHER_CHECKPOINT_DIR}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    weights = {
+        n: p.detach().cpu().contiguous() for n, p in trainable_parameters(unwrap_model(teacher)).items()
+    }
+    save_file(weights, str(staging / TEACHER_WEIGHTS_NAME), metadata={"format": "pt"})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), staging / TEACHER_OPTIMIZER_NAME)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), staging / TEACHER_SCHEDULER_NAME)
+    write_manifest(staging)  # verified before a resume trusts these files
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def teacher_state_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """The teacher folder of a checkpoint, or a clear error if the checkpoint has none."""
+    folder = Path(checkpoint_dir) / TEACHER_CHECKPOINT_DIR
+    if not (folder / TEACHER_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"Checkpoint {checkpoint_dir} holds no teacher state ({folder / TEACHER_WEIGHTS_NAME} is missing): it "
+            "was not written by a trainer whose teacher learns, or the run stopped while saving it. Resume "
+            "from an earlier checkpoint, or start a new run."
+        )
+    return folder
+
+
+def check_teacher_checkpoint(checkpoint_dir: str | os.PathLike, allow_partial: bool = False) -> Path:
+    """The checkpoint's teacher folder, once its files are known to be complete and unaltered.
+
+    Every file must match the SHA-256 recorded when it was written (a checkpoint from before manifests is
+    resumed with a warning). A folder that lost the teacher's optimizer or schedule (listed in its manifest,
+    or, without a manifest, absent) is refused, since resuming would silently restart the teacher's AdamW
+    moments or its learning-rate schedule, unless ``allow_partial`` (then with a warning).
+    """
+    folder = teacher_state_dir(checkpoint_dir)
+    # A missing optimizer or schedule gets the specific message below, with its opt-out.
+    verify_manifest(folder, absent_ok={TEACHER_OPTIMIZER_NAME, TEACHER_SCHEDULER_NAME})
+    manifest = read_manifest(folder)
+    if manifest is None:
+        logger.warning(
+            "The teacher state in %s has no %s (written by hf_distill before checksums were recorded): its files "
+            "cannot be verified and are resumed as they are.",
+            folder,
+            MANIFEST_NAME,
+        )
+    # What the manifest lists was written and must be there (a state saved without a scheduler lists none);
+    # a checkpoint from before manifests must hold both.
+    expected = [
+        n for n in (TEACHER_OPTIMIZER_NAME, TEACHER_SCHEDULER_NAME) if manifest is None or n in manifest
+    ]
+    missing = [n for n in expected if not (folder / n).is_file()]
+    if missing and not allow_partial:
+        raise CheckpointIntegrityError(
+            f"The teacher state in {folder} has no {' or '.join(missing)}: resuming would restart the teacher's "
+            "optimizer (AdamW moments) and/or its learning-rate schedule from the start. Resume from a complete "
+            "checkpoint, or set allow_partial_teacher_checkpoint=True to resume with a fresh teacher optimizer or "
+            "schedule on purpose."
+        )
+    if missing:
+        logger.warning(
+            "allow_partial_teacher_checkpoint=True: resuming without the teacher's %s from %s; the teacher's "
+            "optimizer and/or schedule start afresh.",
+            " and ".join(missing),
+            folder,
+        )
+    return folder
+
+
+def _load_checkpoint_file(path: Path, load: Any) -> Any:
+    """``load(path)``, with a message naming the file when it cannot be read (truncated, overwritten)."""
+    try:
+        return load(path)
+    except Exception as err:  # safetensors and torch.load raise many types for a damaged file
+        raise CheckpointIntegrityError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); it was "
+            "damaged or truncated after the checkpoint was written. Resume from an earlier checkpoint."
+        ) from err
+
+
+def load_teacher_weights(
+    checkpoint_dir: str | os.PathLike, teacher: nn.Module, allow_partial: bool = False
+) -> None:
+    """Restore the teacher's trainable weights from a checkpoint written by `save_teacher_state`, after
+    `check_teacher_checkpoint` has verified its files."""
+    folder = check_teacher_checkpoint(checkpoint_dir, allow_partial)
+    saved = _load_checkpoint_file(folder / TEACHER_WEIGHTS_NAME, lambda p: load_file(str(p)))
+    params = trainable_parameters(unwrap_model(teacher))
+    missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"The teacher in {folder} does not match this run's teacher (missing: {missing[:5]}, unexpected: "
+            f"{unexpected[:5]}); resume with the same teacher model and the same trainable parameters."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
+
+
+def load_teacher_optimizer_state(
+    checkpoint_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, scheduler: Any | None
+) -> None:
+    """Restore what the checkpoint holds of the teacher's optimizer and scheduler (checked complete, or
+    allowed partial, by `check_teacher_checkpoint` when the weights were loaded)."""
+    folder = teacher_state_dir(checkpoint_dir)
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    if (folder / TEACHER_OPTIMIZER_NAME).is_file():
+        optimizer.load_state_dict(
+            _load_checkpoint_file(
+                folder / TEACHER_OPTIMIZER_NAME,
+                lambda p: torch.load(p, map_location=device, weights_only=True),
+            )
+        )
+    if scheduler is not None and (folder / TEACHER_SCHEDULER_NAME).is_file():
+        scheduler.load_state_dict(
+            _load_checkpoint_file(folder / TEACHER_SCHEDULER_NAME, lambda p: torch.load(p, weights_only=True))
+        )

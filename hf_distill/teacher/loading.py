@@ -1,0 +1,220 @@
+"""Loading a teacher, telling a model's head, freezing and placing a frozen teacher, and the
+teacher/student compatibility checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+from typing import Any
+
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
+
+from ..distributed import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+
+SEQUENCE_CLASSIFICATION = "sequence_classification"
+
+
+TOKEN_CLASSIFICATION = "token_classification"
+
+
+CAUSAL_LM = "causal_lm"
+
+
+MASKED_LM = "masked_lm"
+
+
+_AUTO_CLASS = {
+    SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+    TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+    CAUSAL_LM: AutoModelForCausalLM,
+    MASKED_LM: AutoModelForMaskedLM,
+}
+
+
+_CLASS_NAMES = {
+    SEQUENCE_CLASSIFICATION: set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()),
+    TOKEN_CLASSIFICATION: set(MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values()),
+    CAUSAL_LM: set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()),
+    MASKED_LM: set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()),
+}
+
+
+TOKEN_LEVEL_TASKS = (TOKEN_CLASSIFICATION, CAUSAL_LM, MASKED_LM)
+
+
+def task_type(model: nn.Module) -> str | None:
+    """The head type of a transformers model (one of the constants above), from its class name."""
+    name = type(unwrap_model(model)).__name__
+    for task, names in _CLASS_NAMES.items():
+        if name in names:
+            return task
+    return None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of a model, shared ones once (DeepSpeed ZeRO-3 shards counted whole)."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in unwrap_model(model).parameters())
+
+
+def forward_arg_names(model: nn.Module) -> set[str]:
+    """Names the model's ``forward`` accepts explicitly (``**kwargs`` excluded)."""
+    params = inspect.signature(unwrap_model(model).forward).parameters
+    return {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+
+
+def load_teacher(
+    teacher: nn.Module | str,
+    student: nn.Module,
+    init_kwargs: dict[str, Any] | None = None,
+    allow_untrained_head: bool = False,
+) -> nn.Module:
+    """Return ``teacher`` as a module; a string is a local folder or a Hub id.
+
+    A string is loaded with the Auto class of the student's head (a sequence-classification student gets
+    ``AutoModelForSequenceClassification``), safetensors only, and ``trust_remote_code`` only if the caller
+    sets it in ``init_kwargs``. A checkpoint without that head (a pretrained model not fine-tuned on the
+    task), whose head ``from_pretrained`` therefore initialises at random, is refused unless
+    ``allow_untrained_head``. A module is returned as it is: whether its head was trained cannot be told.
+    """
+    if isinstance(teacher, nn.Module):
+        return teacher
+    if not isinstance(teacher, (str, bytes)) and not hasattr(teacher, "__fspath__"):
+        raise TypeError(
+            f"teacher_model must be a torch module, a local path or a Hub id (or a list of them); got "
+            f"{type(teacher).__name__}."
+        )
+    task = task_type(student)
+    if task is None:
+        raise ValueError(
+            f"Cannot tell which Auto class loads a teacher for a student of class "
+            f"{type(unwrap_model(student)).__name__}; load the teacher yourself and pass the module."
+        )
+    kwargs = dict(init_kwargs or {})
+    if kwargs.get("use_safetensors", True) is not True:
+        raise ValueError(
+            "Teachers are loaded from safetensors only (a pickled checkpoint can run code when it is loaded); "
+            "remove use_safetensors from teacher_model_init_kwargs, or load the teacher yourself and pass the "
+            "module."
+        )
+    kwargs["use_safetensors"] = True
+    path = os.fsdecode(teacher)
+    if os.path.isdir(path) and not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise ValueError(
+            f"The teacher folder {path} has no safetensors weights"
+            + (f" (only {', '.join(pickled)})" if pickled else "")
+            + ". hf_distill loads teachers from safetensors only, since a pickled checkpoint can run code when "
+            "it is loaded. If you trust the file, convert it once with "
+            "`AutoModel.from_pretrained(path).save_pretrained(path)` (transformers writes safetensors), or "
+            "load the teacher yourself and pass the module."
+        )
+    model, loading_info = _AUTO_CLASS[task].from_pretrained(path, output_loading_info=True, **kwargs)
+    new_head = untrained_head_parameters(model, loading_info)
+    if new_head and not allow_untrained_head:
+        raise ValueError(
+            f"The teacher {path} has no trained {task.replace('_', '-')} head: loading it as "
+            f"{type(model).__name__} initialised {', '.join(new_head)} at random, so it would teach noise. "
+            "Fine-tune it on your task first (transformers.Trainer, or examples/run_glue_lgtm.py "
+            "--teacher_finetune_epochs N) and pass the fine-tuned folder. To start from the new head anyway "
+            "(a learning teacher trains it), set allow_untrained_teacher_head=True in the training arguments."
+        )
+    if new_head:
+        logger.warning("The teacher %s starts from an untrained head (%s).", path, ", ".join(new_head))
+    return model
+
+
+def untrained_head_parameters(model: nn.Module, loading_info: dict[str, Any]) -> list[str]:
+    """Parameters outside the base model that ``from_pretrained`` initialised instead of loading: a task
+    head that was missing from the checkpoint (or had another shape), from ``output_loading_info=True``."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = set(loading_info.get("missing_keys") or ())
+    names |= {k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys") or ()}
+    return sorted(n for n in names if not (prefix and n.startswith(f"{prefix}.")))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Evaluation mode and no gradients: a frozen teacher never trains."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def output_width(model: nn.Module) -> int | None:
+    """Size of the model's last logits dimension: num_labels for classifiers, vocab size for LMs."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return None
+    if task_type(model) in (CAUSAL_LM, MASKED_LM):
+        return getattr(config, "vocab_size", None)
+    return getattr(config, "num_labels", None)
+
+
+def check_teacher_student_compatible(teacher: nn.Module, student: nn.Module, position: int = 0) -> None:
+    """Raise before training if the teacher's outputs cannot be compared with the student's."""
+    t_width, s_width = output_width(teacher), output_width(student)
+    which = "teacher_model" if position == 0 else f"teacher_model[{position}]"
+    if t_width is not None and s_width is not None and t_width != s_width:
+        kind = "vocabulary size" if task_type(student) in (CAUSAL_LM, MASKED_LM) else "number of labels"
+        raise ValueError(
+            f"The {which} predicts {t_width} outputs but the student predicts {s_width} ({kind}). Load both "
+            f"with the same num_labels (and label2id), or distil from a teacher fine-tuned on the same labels."
+        )
+    t_task, s_task = task_type(teacher), task_type(student)
+    if t_task is not None and s_task is not None and t_task != s_task:
+        raise ValueError(
+            f"The {which} is a {t_task} model but the student is a {s_task} model; use the same head."
+        )
+    if {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}:
+        raise ValueError(
+            f"The {which} and the student share parameters; pass a separate copy of the teacher "
+            "(e.g. copy.deepcopy(teacher))."
+        )
+
+
+def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """Place a frozen teacher for the run the way TRL does for its reference models.
+
+    Under DeepSpeed the teacher gets an inference engine (ZeRO-3 keeps it sharded; other stages run it
+    unsharded, as stage 0); everywhere else accelerate places it on the device without a DDP wrapper.
+    """
+    state = getattr(accelerator, "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is None:
+        return freeze(accelerator.prepare_model(teacher, evaluation_mode=True))
+    import deepspeed  # only present in DeepSpeed runs
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        hidden = getattr(getattr(teacher, "config", None), "hidden_size", None)
+        if hidden is not None:  # bucket sizes that fit the model, as recommended for inference
+            zero.update(
+                reduce_bucket_size=hidden * hidden,
+                stage3_param_persistence_threshold=10 * hidden,
+                stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+            )
+    else:
+        zero["stage"] = 0
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    return freeze(engine)

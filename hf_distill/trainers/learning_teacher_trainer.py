@@ -1,0 +1,263 @@
+"""`LearningTeacherTrainer`: the base of every trainer whose teacher learns (online, meta, LGTM).
+
+It owns what a learning teacher needs whatever its objective: the teacher's optimizer and schedule, their
+checkpoints and resume, the teacher's gradient sync across processes, its evaluation and its publishing.
+Each method implements one hook, `teacher_step`, which the base calls once per optimisation step
+(docs/algorithms.md, "A teacher that learns").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from ..data.batch import TEACHER_LOGITS, DistillationBatch, dataset_columns
+from ..distributed import all_reduce_mean, average_gradients_across_processes, broadcast_parameters
+from ..publishing.hub import TeacherPublishingMixin
+from ..teacher.checkpoint import load_teacher_optimizer_state, load_teacher_weights, save_teacher_state
+from ..teacher.optimizer import (
+    check_learning_teacher_supported,
+    check_teacher_can_learn,
+    create_teacher_optimizer,
+    enable_activation_checkpointing,
+    trainable_parameters,
+)
+from .distillation_trainer import DistillationTrainer, StudentForward, TeacherTargets
+from .learning_teacher_config import LearningTeacherTrainingArguments
+
+# Metric suffixes of Trainer's evaluation loop that time the student's preparation, not the evaluated model.
+_PREPARATION_TIMINGS = ("_model_preparation_time", "_jit_compilation_time")
+
+
+class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
+    """A `DistillationTrainer` whose one teacher learns too; subclasses implement `teacher_step`.
+
+    ``trainer.teacher_model`` is the live teacher; `save_teacher` writes it with its tokenizer. Checkpoints
+    hold the teacher, its optimizer and scheduler, and ``train(resume_from_checkpoint=...)`` restores them.
+    """
+
+    #: Whether `teacher_step` runs before the student's forward of the step (with ``student=None``) rather
+    #: than between that forward and the student's soft labels.
+    teacher_steps_before_student_forward: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.teacher_optimizer: torch.optim.Optimizer | None = None
+        self.teacher_lr_scheduler: Any = None
+        self._step_batches: list[dict[str, Any]] = []
+        self._resume_checkpoint: str | None = None
+        super().__init__(*args, **kwargs)
+        if TEACHER_LOGITS in dataset_columns(self.train_dataset):
+            raise ValueError(
+                f"The training data has a '{TEACHER_LOGITS}' column, but {type(self).__name__} updates the teacher, "
+                "so cached logits would be stale after the first step. Remove the column, or use "
+                "DistillationTrainer for a frozen teacher."
+            )
+
+    @classmethod
+    def _default_args_class(cls) -> type[LearningTeacherTrainingArguments]:
+        return LearningTeacherTrainingArguments
+
+    def _prepare_teachers(self, teachers: list[nn.Module]) -> list[nn.Module]:
+        if len(teachers) != 1:
+            raise ValueError(
+                f"{type(self).__name__} trains one teacher; got {len(teachers)}. Use DistillationTrainer for an "
+                "ensemble of frozen teachers."
+            )
+        check_learning_teacher_supported(self.accelerator)
+        teacher = teachers[0]
+        check_teacher_can_learn(teacher)
+        if self.args.teacher_activation_checkpointing:
+            enable_activation_checkpointing(teacher, "teacher")
+        # Placed on the device without a DDP wrapper: its gradients are averaged explicitly.
+        teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        broadcast_parameters(teacher)
+        return [teacher]
+
+    # ----- the teacher's optimizer, created with the student's, same schedule length -------------------------
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        # Trainer creates the student's scheduler once the run length is known: build the teacher's here too.
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.teacher_optimizer is None:
+            args = self.args
+            teacher = self.teacher_models[0]
+            self.teacher_optimizer = create_teacher_optimizer(
+                teacher,
+                args.teacher_learning_rate,
+                args.teacher_weight_decay,
+                self.get_decay_parameter_names(teacher),
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+                fp32_master_weights=args.teacher_fp32_master_weights,
+            )
+            self.teacher_lr_scheduler = get_scheduler(
+                args.teacher_lr_scheduler_type,
+                self.teacher_optimizer,
+                num_warmup_steps=math.ceil(args.teacher_warmup_ratio * num_training_steps),
+                num_training_steps=num_training_steps,
+            )
+            if self._resume_checkpoint is not None:
+                load_teacher_optimizer_state(
+                    self._resume_checkpoint, self.teacher_optimizer, self.teacher_lr_scheduler
+                )
+        return scheduler
+
+    # ----- one optimisation step ------------------------------------------------------------------------------
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | int | None]:
+        # The one place that sees all micro-batches of an optimisation step before the student's first
+        # forward: the teacher's update covers the same samples as the student's step.
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_batches = batch_samples
+        return batch_samples, num_items
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`, with the teacher's step once per optimisation step (at its first micro-batch)."""
+        starts_step = bool(self._step_batches) and inputs is self._step_batches[0]
+        batch = DistillationBatch.from_collated(
+            self._prepare_inputs(inputs), self._step_batches if starts_step else None
+        )
+        if batch.starts_step and self.teacher_steps_before_student_forward:
+            model.train()
+            with self.compute_loss_context_manager():
+                self.teacher_step(model, batch, None)
+        loss = super().training_step(model, batch, num_items_in_batch)
+        for work in batch.after_backward:
+            work()
+        return loss
+
+    def teacher_targets(
+        self, model: nn.Module, batch: DistillationBatch, student: StudentForward
+    ) -> TeacherTargets:
+        if batch.starts_step and not self.teacher_steps_before_student_forward:
+            targets = self.teacher_step(model, batch, student)
+            if targets is not None:
+                return targets
+        return super().teacher_targets(model, batch, student)
+
+    def teacher_step(
+        self, model: nn.Module, batch: DistillationBatch, student: StudentForward | None
+    ) -> TeacherTargets | None:
+        """The teacher's update for this optimisation step: the one hook each method implements.
+
+        Called once per optimisation step, with its first micro-batch (``batch.step_batches`` holds them all):
+        between the student's forward (``student``) and its soft labels, or before that forward (``student``
+        is ``None``) when `teacher_steps_before_student_forward`. May return the soft labels of the student's
+        step (otherwise the updated teacher's forward gives them), and may leave work for after the student's
+        backward in ``batch.after_backward``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement teacher_step.")
+
+    def teacher_optimizer_step(self) -> None:
+        """Average the teacher's gradients over processes, clip, step, schedule, and clear them."""
+        params = list(trainable_parameters(self.teacher_models[0]).values())
+        average_gradients_across_processes(params)
+        if self.args.teacher_max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.args.teacher_max_grad_norm)
+            self._record("teacher_grad_norm", norm.detach())
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.nonfinite.watch("teacher's gradient", norm, "teacher")
+        if self.nonfinite.should_skip(self.state.global_step + 1, reduce=lambda t: all_reduce_mean([t])[0]):
+            self.teacher_optimizer.zero_grad(set_to_none=True)
+            self.teacher_lr_scheduler.step()  # the schedule runs over the student's steps, skipped or not
+            return
+        self._record(
+            "teacher_learning_rate",
+            torch.tensor(self.teacher_lr_scheduler.get_last_lr()[0], dtype=torch.float32),
+        )
+        self.teacher_optimizer.step()
+        self.teacher_lr_scheduler.step()
+        self.teacher_optimizer.zero_grad(set_to_none=True)
+
+    # ----- checkpoints and resume -------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # No public hook runs before Trainer rotates old checkpoints away: the teacher must be in the new
+        # checkpoint by then, or a crash could leave no checkpoint with a teacher.
+        if self.args.should_save and self.teacher_optimizer is not None:
+            save_teacher_state(
+                self._checkpoint_folder(trial),
+                self.teacher_models[0],
+                self.teacher_optimizer,
+                self.teacher_lr_scheduler,
+            )
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, also restoring the teacher, its optimizer and its scheduler when resuming."""
+        folder = self.resume_checkpoint_folder(resume_from_checkpoint)
+        if folder is not None:
+            load_teacher_weights(
+                folder, self.teacher_models[0], allow_partial=self.args.allow_partial_teacher_checkpoint
+            )
+            self._resume_checkpoint = folder
+        self.teacher_optimizer, self.teacher_lr_scheduler = None, None  # rebuilt for this run's length
+        try:
+            return super().train(folder or resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._resume_checkpoint = None
+            self._step_batches = []
+
+    # ----- the teacher's evaluation ---------------------------------------------------------------------------
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """The student's metrics, plus the teacher's as ``<prefix>_teacher_<metric>`` with `evaluate_teacher`."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.args.evaluate_teacher and not isinstance(eval_dataset or self.eval_dataset, dict):
+            teacher_metrics = self.evaluate_teacher(
+                eval_dataset, metric_key_prefix=f"{metric_key_prefix}_teacher"
+            )
+            self.log(teacher_metrics)
+            metrics.update(teacher_metrics)
+        return metrics
+
+    def evaluate_teacher(
+        self, eval_dataset: Any = None, metric_key_prefix: str = "eval_teacher"
+    ) -> dict[str, float]:
+        """Loss and ``compute_metrics`` of the live teacher on the evaluation set.
+
+        `Trainer.evaluation_loop` with the teacher in the student's place, reading its own inputs (the
+        ``teacher_`` columns when the data has them).
+        """
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        teacher = self.teacher_models[0]
+        was_training = teacher.training
+        with self._teacher_in_place_of_student():
+            output = self.evaluation_loop(
+                dataloader,
+                description="Teacher evaluation",
+                prediction_loss_only=True if self.compute_metrics is None else None,
+                metric_key_prefix=metric_key_prefix,
+            )
+        teacher.train(was_training)
+        # Timings of the student's model preparation say nothing about the teacher.
+        return {k: v for k, v in output.metrics.items() if not k.endswith(_PREPARATION_TIMINGS)}
+
+    @contextlib.contextmanager
+    def _teacher_in_place_of_student(self) -> Iterator[None]:
+        student, wrapped = self.model, self.model_wrapped
+        self.model = self.model_wrapped = self.teacher_models[0]
+        try:
+            yield
+        finally:
+            self.model, self.model_wrapped = student, wrapped
+
+    def _evaluation_inputs(self, model: nn.Module, batch: DistillationBatch) -> dict[str, Any]:
+        if model is self.teacher_models[0]:  # the teacher's own evaluation: its inputs, the student's labels
+            return batch.teacher_inputs(self._teacher_arg_names[0], with_labels=True)
+        return super()._evaluation_inputs(model, batch)

@@ -1,0 +1,209 @@
+"""`MetaDistillTrainer` (Zhou et al. 2022, "BERT Learns to Teach"): the teacher learns from the student's quiz
+loss through a differentiable pilot update (docs/algorithms.md, "Meta distillation").
+
+One optimisation step (every ``meta_every``-th step for the teacher part):
+1. pilot update, differentiable in θt: ``θs' = θs − η_pilot · ∇θs L_s(x_r; θs, θt)``, the gradient taken with
+   ``create_graph=True`` through the step's own student forward, so θs' is a function of the teacher;
+2. the quiz loss ``CE(S(x_q; θs'), y_q)`` at θs' (a `torch.func.functional_call` over the student's trainable
+   parameters: no copy of the student), back-propagated through the pilot into the teacher (second order),
+   plus ``teacher_task_weight`` times the teacher's own task loss; the teacher steps;
+3. θs' is dropped, and the student makes its real step against the updated teacher (the base trainer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..data.batch import DistillationBatch
+from ..distributed import all_reduce_mean, is_distributed, zeros_for_missing
+from ..losses.influence import global_norm
+from ..losses.meta_gradient import (
+    check_second_order_support,
+    explain_second_order_errors,
+    meta_gradient,
+    pilot_step,
+)
+from ..teacher.optimizer import trainable_parameters
+from .distillation_trainer import StudentForward, TeacherTargets
+from .meta_config import MetaDistillTrainingArguments
+from .quiz_trainer import QuizDistillTrainer
+
+
+class MetaDistillTrainer(QuizDistillTrainer):
+    """Meta distillation: the teacher learns from the student's quiz loss through a pilot update.
+
+    ``MetaDistillTrainer(model=student, teacher_model=teacher, args=MetaDistillTrainingArguments(...),
+    train_dataset=..., eval_dataset=..., quiz_dataset=None)``; the quiz set is carved from ``train_dataset``
+    (``quiz_split``) unless given. Each teacher update differentiates the student's gradient a second time,
+    so the student must support double backward (checked before training; see `check_second_order_support`).
+    Everything a learning teacher has (checkpoints and resume, DDP sync, ``eval_teacher_*``, PEFT) applies.
+    """
+
+    method_name = "meta"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "MetaDistillTrainer's pilot update is one student step on one batch, whose graph is kept for the "
+                "second-order gradient: use gradient_accumulation_steps=1 (raise per_device_train_batch_size, or "
+                "lower it and turn on activation_checkpointing to fit memory)."
+            )
+        check_second_order_support(self.model, self.teacher_models[0], self.args)
+
+    @classmethod
+    def _default_args_class(cls) -> type[MetaDistillTrainingArguments]:
+        return MetaDistillTrainingArguments
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        # Trainer has enabled activation checkpointing by now: check again, before step 1.
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        check_second_order_support(self.model, self.teacher_models[0], self.args)
+        return scheduler
+
+    # ----- the step ---------------------------------------------------------------------------------------------
+
+    def is_meta_step(self, step: int | None = None) -> bool:
+        """Whether optimisation step ``step`` (default: the current one) updates the teacher."""
+        step = self.state.global_step if step is None else step
+        return step % self.args.meta_every == 0
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        if not self.is_meta_step():
+            return super().training_step(model, inputs, num_items_in_batch)
+        # The fused SDPA kernels have no double backward. The student's forward of a meta step is the one the
+        # pilot differentiates twice, and activation checkpointing recomputes it during each backward, so the
+        # forward and every backward of the step (the real one included) run on the math backend.
+        with sdpa_kernel(SDPBackend.MATH):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def teacher_step(
+        self, model: nn.Module, batch: DistillationBatch, student: StudentForward | None
+    ) -> TeacherTargets | None:
+        """The meta update on meta steps; on the others the teacher's schedule still advances."""
+        if not self.is_meta_step():
+            self.teacher_lr_scheduler.step()  # the teacher's schedule runs over the student's steps
+        else:
+            self.meta_teacher_update(model, batch, student)
+        return None
+
+    def meta_teacher_update(
+        self, model: nn.Module, batch: DistillationBatch, student: StudentForward
+    ) -> None:
+        """Steps 1–2: the pilot, the quiz loss at θs', its gradient in the teacher, and the teacher's step.
+
+        ``student`` is the step's own student forward, whose logits (and task loss) still carry its graph: the
+        pilot gradient is taken through it, so the step costs no extra student forward on the training batch,
+        and the graph stays for the real step's backward.
+        """
+        args = self.args
+        unwrapped = self.accelerator.unwrap_model(model)
+        names, params = zip(*trainable_parameters(unwrapped).items(), strict=True)
+        teacher = self.teacher_models[0]
+        teacher.train()
+        teacher_params = list(trainable_parameters(teacher).values())
+
+        with explain_second_order_errors():
+            teacher_outputs = self._teacher_forward(batch)
+
+            # 1. Pilot: the student's own loss at the current teacher, its gradient with the graph kept.
+            distill, _ = self.distillation_term(
+                student.logits, teacher_outputs.logits, batch.student, student.task_items
+            )
+            task_loss = student.task_loss
+            pilot_loss = (
+                distill if task_loss is None else args.alpha * distill + (1.0 - args.alpha) * task_loss
+            )
+            grads = torch.autograd.grad(pilot_loss, params, create_graph=True, allow_unused=True)
+            grads, pilot_norm = self._global_pilot_gradient(zeros_for_missing(grads, params))
+            self.nonfinite.watch("teacher's logits", teacher_outputs.logits, "teacher")
+            self.nonfinite.watch("pilot gradient", pilot_norm, "student")
+            pilot = pilot_step(params, grads, args.pilot_learning_rate)
+
+            # 2. The quiz loss at θs' and v = ∂Q/∂θs' (first order, at detached copies of θs').
+            quiz_loss, quiz_grads = self._quiz_gradient(unwrapped, names, pilot)
+
+            # 3. Back into the teacher through the pilot, with its own task loss if asked for.
+            extra = []
+            if args.teacher_task_weight > 0:
+                extra.append((teacher_outputs.loss, args.teacher_task_weight))
+            teacher_grads = meta_gradient(pilot, quiz_grads, teacher_params, extra)
+        del grads, pilot, pilot_loss, distill, teacher_outputs
+
+        for p, g in zip(teacher_params, teacher_grads, strict=True):
+            if g is not None:
+                p.grad = g
+        self.teacher_optimizer_step()
+        self._record("quiz_loss", quiz_loss)
+        self._record("pilot_grad_norm", pilot_norm)
+        self._record("quiz_grad_norm", global_norm(quiz_grads))
+        if extra:
+            self._record("teacher_task_loss", extra[0][0].detach())
+
+    # ----- pieces -----------------------------------------------------------------------------------------------
+
+    def _teacher_forward(self, batch: DistillationBatch) -> Any:
+        """The teacher's outputs on the training batch, with their graph (and its task loss if weighted)."""
+        if not batch.teacher and self._teachers_need_own_inputs():
+            raise ValueError(
+                "The batch has no teacher_ input columns but the teacher's vocabulary differs from the "
+                "student's; add them with hf_distill.add_teacher_inputs."
+            )
+        with_labels = self.args.teacher_task_weight > 0
+        feed = batch.teacher_inputs(self._teacher_arg_names[0], with_labels=with_labels)
+        if with_labels and feed.get("labels") is None:
+            raise ValueError(
+                "teacher_task_weight > 0 needs labels in the training batch for the teacher's task loss; add "
+                "labels or set teacher_task_weight=0."
+            )
+        outputs = self.teacher_models[0](**feed)
+        if with_labels and outputs.loss is None:
+            raise ValueError(
+                "The teacher returned no loss for its labels, so teacher_task_weight > 0 has nothing to weight; "
+                "use a teacher with a task head or set teacher_task_weight=0."
+            )
+        return outputs
+
+    def _global_pilot_gradient(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The pilot gradient of the global batch, and its norm.
+
+        Under DDP the pilot steps with the mean gradient over processes (the real step's), while each rank's
+        graph keeps its own micro-batch's share: the teachers' meta-gradients, averaged over ranks by the
+        teacher step, are then the single-process meta-gradient of the combined batch.
+        """
+        detached = [g.detach() for g in grads]
+        if not is_distributed():
+            return grads, global_norm(detached)
+        synced = all_reduce_mean(detached)
+        return [g + (s - d) for g, s, d in zip(grads, synced, detached, strict=True)], global_norm(synced)
+
+    def _quiz_gradient(
+        self, student: nn.Module, names: tuple[str, ...], pilot: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The student's task loss on this step's quiz batch at θs', and its gradient (averaged over processes)."""
+        quiz = DistillationBatch.from_collated(
+            self.quiz_batch(self.state.global_step // self.args.meta_every)
+        )
+        if quiz.labels is None:
+            raise ValueError(
+                "The quiz batch has no labels, and the teacher learns from the student's loss on them; give the "
+                "quiz data (or the training data it is carved from) a 'label' column."
+            )
+
+        def task_loss(outputs: Any) -> torch.Tensor:
+            if outputs.loss is None:
+                raise ValueError(
+                    f"The student returned no loss on the quiz batch (inputs {sorted(quiz.student)}); "
+                    "MetaDistillTrainer needs a model that computes its task loss from `labels`."
+                )
+            return outputs.loss
+
+        return self.quiz_gradient(student, names, pilot, quiz.student, task_loss)

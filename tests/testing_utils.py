@@ -1,0 +1,100 @@
+"""Shared test helpers: tiny models, tokenizers and data built in the tests themselves, so the suite stays
+fast and offline (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+SHARED = Path(os.environ.get("HF_DISTILL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+VOCAB = 64
+
+
+def tiny_bert_config(
+    layers: int = 2, num_labels: int = 2, vocab_size: int = VOCAB, **overrides
+) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        # No dropout unless a test asks for it, so that two forwards of the same batch agree.
+        **{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **overrides},
+    )
+
+
+def tiny_classifier(
+    layers: int = 2, num_labels: int = 2, seed: int = 0, **overrides
+) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(layers, num_labels, **overrides))
+
+
+def tiny_classifier_with_dropout(layers: int, seed: int) -> BertForSequenceClassification:
+    """A tiny classifier with dropout 0.1 on hidden states and attention, for tests where masks matter."""
+    return tiny_classifier(layers, seed=seed, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def assert_same_parameters(expected: torch.nn.Module, actual: torch.nn.Module, label: str = "") -> None:
+    """Every parameter of ``actual`` equals ``expected``'s to float32 rounding, named in the failure."""
+    for (name, a), b in zip(expected.named_parameters(), actual.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=f"{label}{name}")
+
+
+def keyword_dataset(
+    n: int = 64, length: int = 10, seed: int = 0, vocab_size: int = VOCAB
+) -> datasets.Dataset:
+    """A learnable task: label 1 when token 7 occurs in the sequence. Rows have ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "label": [], "idx": []}
+    for i in range(n):
+        size = int(torch.randint(length // 2, length + 1, (1,), generator=g))
+        ids = torch.randint(8, vocab_size, (size,), generator=g)
+        label = i % 2
+        if label:
+            ids[int(torch.randint(0, size, (1,), generator=g))] = 7
+        rows["input_ids"].append([2, *ids.tolist()])
+        rows["attention_mask"].append([1] * (size + 1))
+        rows["label"].append(label)
+        rows["idx"].append(i)
+    return datasets.Dataset.from_dict(rows)
+
+
+# Arguments every tiny trainer test shares: CPU, one epoch, a log line per step, nothing saved or reported.
+TINY_RUN = dict(
+    per_device_train_batch_size=8,
+    num_train_epochs=1,
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+)
+
+
+def tiny_run_args(args_class, tmp_path: Path, **overrides):
+    """``args_class`` with `TINY_RUN` defaults and ``output_dir`` under ``tmp_path``; ``overrides`` win."""
+    return args_class(**{"output_dir": str(tmp_path / "out"), **TINY_RUN, **overrides})
+
+
+def write_vocab(folder: Path, vocab_size: int = VOCAB, prefix: str = "w") -> Path:
+    """A WordPiece vocabulary: the five BERT specials, then words ``<prefix>5`` … ``<prefix>{vocab_size-1}``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"{prefix}{i}" for i in range(5, vocab_size)]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    return folder
+
+
+def tiny_tokenizer(folder: Path, vocab_size: int = VOCAB, prefix: str = "w") -> BertTokenizerFast:
+    return BertTokenizerFast.from_pretrained(str(write_vocab(folder, vocab_size, prefix)))

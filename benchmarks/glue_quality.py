@@ -98,14 +98,6 @@ def load_example() -> Any:
     return module
 
 
-def meta_available() -> bool:
-    try:
-        from hf_distill import MetaDistillTrainer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-seed{seed}"
 
@@ -721,9 +713,6 @@ def covering_length(train_file: Path, model_path: str, task: str, cap: int = 64)
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     methods = list(args.methods)
-    if "meta" in methods and not meta_available():
-        print("[glue_quality] hf_distill.meta is not available: meta skipped", flush=True)
-        methods.remove("meta")
     from hf_distill.glue.metrics import is_regression_task
 
     if is_regression_task(args.task_name):

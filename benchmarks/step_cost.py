@@ -66,7 +66,7 @@ from hf_distill import (  # noqa: E402
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
-from hf_distill.data.batch import split_batch
+from hf_distill.data.batch import DistillationBatch
 from hf_distill.losses.influence import fd_epsilon
 from hf_distill.safety.nonfinite import NonFiniteCallback
 from hf_distill.teacher.optimizer import trainable_parameters
@@ -93,7 +93,7 @@ class NaiveLGTMTrainer(LGTMTrainer):
     ):
         args = self.args
         student = self.accelerator.unwrap_model(model)
-        student_inputs = split_batch(inputs)[0]
+        student_inputs = DistillationBatch.from_collated(inputs).student
         labels = student_inputs["labels"]
         features = {k: v for k, v in student_inputs.items() if k != "labels"}
         teacher = self.teacher_models[0]
@@ -115,7 +115,7 @@ class NaiveLGTMTrainer(LGTMTrainer):
                 shadow_param.grad = None
         # 2. v on the copy.
         quiz = self.quiz_batch()
-        quiz_features = {k: v for k, v in split_batch(quiz)[0].items() if k != "labels"}
+        quiz_features = DistillationBatch.from_collated(quiz).features
         shadow.eval()
         F.cross_entropy(shadow(**quiz_features).logits, quiz["labels"]).backward()
         direction = [p.grad.clone() for p in shadow_params]

@@ -55,6 +55,7 @@ from hf_distill import (
     DistillationTrainingArguments,
     cache_teacher_logits,
     glue_compute_metrics,
+    student_from_teacher,
 )
 from hf_distill.glue.metrics import majority_class_metrics
 from hf_distill.safety.collapse import warn_if_collapsed
@@ -318,8 +319,8 @@ def load_classifier(model_path: str, seed: int, num_layers: int | None = None) -
     exactly the same weights and their comparison isolates the effect of the teacher.
     """
     transformers.set_seed(seed)
-    extra = {} if num_layers is None else {"num_hidden_layers": num_layers}
-    return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, **extra)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    return model if num_layers is None else student_from_teacher(model, num_layers)
 
 
 def training_args(cls: type[TrainingArguments], output_dir: Path, **overrides: Any) -> TrainingArguments:

@@ -21,6 +21,8 @@ from hf_distill import (
     DistillationTrainingArguments,
     LGTMTrainer,
     LGTMTrainingArguments,
+    MetaDistillTrainer,
+    MetaDistillTrainingArguments,
     OnlineDistillTrainer,
     OnlineDistillTrainingArguments,
 )
@@ -68,7 +70,7 @@ LEARNING_TEACHER = frozenset({"online", "meta", "lgtm"})
 
 
 def trainer_classes(method: str) -> tuple[type[Trainer], type[TrainingArguments]]:
-    """(trainer, arguments class) of ``method``; the meta trainer is imported only when asked for."""
+    """(trainer, arguments class) of ``method``."""
     if method == "finetune":
         return Trainer, TrainingArguments
     if method == "kd":
@@ -78,12 +80,6 @@ def trainer_classes(method: str) -> tuple[type[Trainer], type[TrainingArguments]
     if method == "lgtm":
         return LGTMTrainer, LGTMTrainingArguments
     if method == "meta":
-        try:
-            from hf_distill import MetaDistillTrainer, MetaDistillTrainingArguments
-        except ImportError as err:
-            raise ValueError(
-                f"--method meta needs hf_distill.MetaDistillTrainer, which this installation lacks ({err})."
-            ) from err
         return MetaDistillTrainer, MetaDistillTrainingArguments
     raise ValueError(f"Unknown --method {method!r}; choose one of {', '.join(METHODS)}.")
 
@@ -96,7 +92,6 @@ class ModelArguments:
     """The method, the teacher and the student."""
 
     method: str = field(
-        default="lgtm",
         metadata={"help": f"Training method: {', '.join(METHODS)}.", "choices": METHODS},
     )
     teacher_model_name_or_path: str | None = field(
@@ -254,6 +249,7 @@ class DataArguments:
             )
 
 
+# Our own --config merging rather than TRL's TrlParser: trl is a large dependency to take for a parser.
 def _config_to_argv(config: dict[str, Any]) -> list[str]:
     """``{"alpha": 1.0, "report_to": ["none"]}`` → ``["--alpha", "1.0", "--report_to", "none"]``."""
     argv: list[str] = []
@@ -395,7 +391,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if known.help and method is None:
         print(overview(), end="")
         raise SystemExit(0)
-    method = method or ModelArguments.method
+    if method is None:  # no default: the methods differ too much in cost and in what they need
+        cli_error(f"the following arguments are required: --method (choose from {', '.join(METHODS)})")
     with usage_errors(ValueError):
         _, args_class = trainer_classes(method)
     parser = build_parser(args_class)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hf_constants
 from run_glue_args import LEARNING_TEACHER, DataArguments, ModelArguments
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
 
-from hf_distill import glue_compute_metrics
+from hf_distill import glue_compute_metrics, student_from_teacher
 from hf_distill.glue.data import glue_label_names, glue_num_labels, metric_task
 from hf_distill.publishing.model_sources import describe_teacher
 from hf_distill.safety.collapse import warn_if_collapsed
@@ -57,8 +57,8 @@ def load_classifier(
         available = getattr(config, "num_hidden_layers", None)
         if available is not None and num_layers > available:
             raise ValueError(f"--student_num_layers {num_layers} exceeds the {available} layers of {path}.")
-        overrides["num_hidden_layers"] = num_layers
-    return AutoModelForSequenceClassification.from_pretrained(path, **overrides, **hub)
+    model = AutoModelForSequenceClassification.from_pretrained(path, **overrides, **hub)
+    return model if num_layers is None else student_from_teacher(model, num_layers)
 
 
 def zero_classifier(model: nn.Module) -> None:
@@ -132,11 +132,9 @@ def suffixed(metrics: dict[str, float], split: str) -> dict[str, float]:
 
 
 def default_teacher_cache_dir() -> Path:
-    """``$HF_HOME/hf_distill/teachers``; ``HF_HOME`` defaults to ``$XDG_CACHE_HOME/huggingface``, then
-    ``~/.cache/huggingface``, as in the Hugging Face libraries."""
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    hf_home = os.environ.get("HF_HOME") or os.path.join(cache_home, "huggingface")
-    return Path(hf_home) / "hf_distill" / "teachers"
+    """``$HF_HOME/hf_distill/teachers``, with ``HF_HOME`` as huggingface_hub resolves it (by default
+    ``$XDG_CACHE_HOME/huggingface``, then ``~/.cache/huggingface``)."""
+    return Path(hf_constants.HF_HOME) / "hf_distill" / "teachers"
 
 
 def checkpoint_fingerprint(name_or_path: str, revision: str) -> Any:

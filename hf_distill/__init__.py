@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "generalized_jsd": "losses.objectives",
     "kl_divergence": "losses.objectives",
     "logit_mse": "losses.objectives",
+    "register_distill_loss": "losses.objectives",
+    "registered_distill_losses": "losses.objectives",
     "reverse_kl_divergence": "losses.objectives",
     "OnlineDistillTrainingArguments": "trainers.online_config",
     "OnlineDistillTrainer": "trainers.online_trainer",
@@ -57,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "info_nce_loss": "losses.representation",
     "layer_map": "losses.representation",
     "pool": "losses.representation",
+    "student_from_teacher": "students",
+    "classification_compute_metrics": "evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,15 +1,16 @@
 """Callbacks that record what a learning teacher does, for trainers that expose per-sample influence.
 
 `InfluenceLoggerCallback` writes the per-sample distillation-influence weights of `LGTMTrainer`
-(docs/algorithms.md, "LGTM") to a JSON-lines file, and optionally a TensorBoard histogram per step.
-`hf_distill.plotting` turns that file into figures. See docs/callbacks.md.
+(https://hf-distill.readthedocs.io/algorithms/, "LGTM") to a JSON-lines file, and optionally a TensorBoard histogram per step.
+`hf_distill.plotting` turns that file into figures. See https://hf-distill.readthedocs.io/callbacks/.
 
 The trainer side of the contract (all this module relies on):
 
 - ``trainer.latest_influence`` is set after every optimisation step's teacher update to
   ``{"step": int, "idx": LongTensor[B] | None, "influence": FloatTensor[B],
   "teacher_gold_prob": FloatTensor[B], "student_gold_prob": FloatTensor[B]}``;
-- the trainer calls ``callback.bind_trainer(trainer)`` at the end of its ``__init__``.
+- the callback is built with ``trainer=trainer``, or, given in ``callbacks=[...]`` without one, the trainer
+  binds itself through ``callback.bind_trainer(trainer)`` at the end of its ``__init__``.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class InfluenceLoggerCallback(TrainerCallback):
             ``influence/weights``.
         tensorboard_log_dir: where the histograms go; default the trainer's TensorBoard run directory, so
             they sit beside its scalars.
+        trainer: the trainer whose ``latest_influence`` is read after every step, as TRL's callbacks take
+            it: ``trainer.add_callback(InfluenceLoggerCallback(trainer=trainer))``. Left out, an
+            `LGTMTrainer` given the callback in ``callbacks=[...]`` binds itself to it when it is built.
 
-    Pass it at construction (``LGTMTrainer(..., callbacks=[InfluenceLoggerCallback()])``) so the trainer
-    binds itself to it; a callback added later needs ``callback.bind_trainer(trainer)``.
     Only the world process zero writes.
     """
 
@@ -89,6 +91,8 @@ class InfluenceLoggerCallback(TrainerCallback):
         max_file_bytes: int | None = 64 * 2**20,
         tensorboard_histograms: bool = True,
         tensorboard_log_dir: str | os.PathLike[str] | None = None,
+        *,
+        trainer: Any = None,
     ) -> None:
         if int(every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
@@ -111,11 +115,14 @@ class InfluenceLoggerCallback(TrainerCallback):
         self._warned: set[str] = set()
         self._summary_writer_cls: Any = None
         self._tb_writer: Any = None
+        if trainer is not None:
+            self.bind_trainer(trainer)
 
     # ----- wiring -------------------------------------------------------------------------------------------
 
     def bind_trainer(self, trainer: Any) -> None:
-        """Remember the trainer whose ``latest_influence`` is read after every step."""
+        """Remember the trainer whose ``latest_influence`` is read after every step (what ``trainer=`` does;
+        `LGTMTrainer.bind_callbacks` calls it for a callback given without one)."""
         # A weak reference: the trainer holds this callback, so a strong one would make a reference cycle
         # that keeps both models alive until the cyclic garbage collector happens to run.
         try:
@@ -177,8 +184,8 @@ class InfluenceLoggerCallback(TrainerCallback):
             if trainer is None:
                 self._warn_once(
                     "unbound",
-                    "InfluenceLoggerCallback is not bound to a trainer, so it records nothing: pass it to an "
-                    "LGTMTrainer through callbacks=[...] or call callback.bind_trainer(trainer).",
+                    "InfluenceLoggerCallback is not bound to a trainer, so it records nothing: build it with "
+                    "InfluenceLoggerCallback(trainer=trainer), or pass it to an LGTMTrainer through callbacks=[...].",
                 )
             elif not hasattr(trainer, "latest_influence"):
                 self._warn_once(

@@ -4,15 +4,12 @@ depend on the hardware the run finds.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from accelerate.utils import broadcast, reduce
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Figures from the influence log that `InfluenceLoggerCallback` writes (see docs/callbacks.md).
+"""Figures from the influence log that `InfluenceLoggerCallback` writes (see https://hf-distill.readthedocs.io/callbacks/).
 
 - `plot_sample_trajectories`: the weight of a few chosen samples over training, each point marked with
   whether the teacher and the student got the sample right at that step;
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 # The fields of one influence record, as InfluenceLoggerCallback writes them. Defined here, in a module
 # that imports no torch or transformers, so that the plotting command stays light; callbacks imports it.
 RECORD_FIELDS = ("step", "idx", "influence", "teacher_gold_prob", "student_gold_prob")
+# What the figures' x axis is: the log's `step`, trainer.state.global_step before the step.
+STEP_AXIS_LABEL = "optimisation step (counted from 0, as in the influence log)"
 
 MISSING_IDX = -1  # the `idx` column's value for records written without row ids
 TRAJECTORIES_PNG = "influence_trajectories.png"
@@ -150,6 +152,18 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
     return figure
 
 
+def _label_step_axis(ax: Any) -> None:
+    """Label the x axis as the log's steps, with ticks on whole steps only (a step 2.5 does not exist)."""
+    from matplotlib.ticker import MaxNLocator
+
+    left, right = ax.get_xlim()
+    if right - left < 2:  # one logged step: widen the axis to show the whole steps around it
+        middle = round((left + right) / 2)
+        ax.set_xlim(middle - 1, middle + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(STEP_AXIS_LABEL)
+
+
 def _save(figure: Any, output_png: str | os.PathLike[str]) -> str:
     path = os.fspath(output_png)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -209,7 +223,7 @@ def plot_sample_trajectories(
             steps[~known], weights[~known], marker=".", color="0.5", s=30, label="no probability", zorder=2
         )
         ax.set_title(f"sample {sample}: {steps.size} steps", fontsize=9, loc="left")
-    axes[-1].set_xlabel("training step")
+    _label_step_axis(axes[-1])
     handles, labels = axes[chosen.index(present[0])].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     figure.suptitle(
@@ -297,7 +311,7 @@ def plot_mean_trend(
         label="±1 std",
     )
     ax.plot(trend["step"], trend["mean"], color="#0072B2", marker="o", markersize=3, label="mean")
-    ax.set_xlabel("training step")
+    _label_step_axis(ax)
     ax.set_ylabel("influence weight")
     ax.set_title(
         f"Mean influence weight of {trend['sample_ids'].size} random samples (seed {seed}), "

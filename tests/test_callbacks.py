@@ -50,14 +50,11 @@ def make_trainer(tmp_path, tokenizer, callbacks, n=48, **overrides) -> LGTMTrain
 
 
 class Capture(TrainerCallback):
-    """Copies ``trainer.latest_influence`` at the end of every step (bound the way the logger is)."""
+    """Copies ``trainer.latest_influence`` at the end of every step (``trainer`` is set once it is built)."""
 
     def __init__(self) -> None:
         self.trainer = None
         self.steps: list[dict] = []
-
-    def bind_trainer(self, trainer) -> None:
-        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         latest = self.trainer.latest_influence
@@ -150,6 +147,7 @@ def run(tmp_path_factory, tokenizer):
         save_strategy="steps",
         save_steps=3,
     )
+    capture.trainer = trainer
     # A file left by an earlier run in the same output_dir: a fresh run starts it anew.
     default_file = Path(trainer.args.output_dir) / "influence.jsonl"
     default_file.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +303,7 @@ def test_resumed_run_replaces_the_redone_steps(run, tokenizer, tmp_path):
     trainer = make_trainer(
         tmp_path, tokenizer, [InfluenceLoggerCallback(), capture], output_dir=str(resumed_dir)
     )
+    capture.trainer = trainer
     trainer.train(resume_from_checkpoint=str(Path(run.trainer.args.output_dir) / "checkpoint-3"))
     assert [s["step"] for s in capture.steps] == [3, 4]
     records = read_records(resumed_dir / "influence.jsonl")
@@ -513,3 +512,15 @@ def test_the_callback_does_not_keep_its_trainer_alive(tmp_path):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         InfluenceLoggerCallback(**kwargs)
+
+
+def test_a_callback_given_its_trainer_records_its_influence(tmp_path):
+    trainer = SimpleNamespace(latest_influence=None)
+    path = tmp_path / "influence.jsonl"
+    callback = InfluenceLoggerCallback(output_file=path, tensorboard_histograms=False, trainer=trainer)
+    args, state, control = hand_args(tmp_path), TrainerState(is_world_process_zero=True), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    trainer.latest_influence = fake_influence(0, [3, 4])
+    callback.on_step_end(args, state, control)
+    callback.on_train_end(args, state, control)
+    assert [(r["step"], r["idx"]) for r in read_records(path)] == [(0, 3), (0, 4)]

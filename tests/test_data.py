@@ -1,4 +1,4 @@
-"""hf_distill.data: the batch split (DistillationBatch, split_batch) and the distillation collator."""
+"""hf_distill.data: the batch split (DistillationBatch) and the distillation collator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from testing_utils import VOCAB, tiny_tokenizer
 from transformers import DataCollatorWithPadding
 
 from hf_distill import DistillationBatch, DistillationDataCollator
-from hf_distill.data.batch import dataset_columns, has_columns, split_batch
+from hf_distill.data.batch import dataset_columns, has_columns
 
 
 def collated() -> dict:
@@ -34,7 +34,6 @@ def test_the_batch_is_split_into_what_each_model_reads():
     assert batch.labels is raw["labels"] and set(batch.features) == {"input_ids", "attention_mask"}
     assert not batch.starts_step and batch.after_backward == []
     assert DistillationBatch.from_collated(batch) is batch  # split once: a split batch passes through
-    assert split_batch(raw) == (batch.student, batch.teacher, batch.cached_teacher_logits, batch.row_ids)
 
 
 def test_teacher_inputs_prefer_the_teachers_own_columns_and_filter_by_its_forward():

@@ -268,6 +268,8 @@ def test_teacher_with_its_own_tokenizer(tmp_path, tokenizer):
         ),
         expected_t,
     )
+    with pytest.raises(ValueError, match="no teacher_ input columns.*add_teacher_inputs"):
+        trainer.teacher_logits(student_inputs, {})  # the teacher would read the student's ids as its own
     trainer.train()  # and it trains
 
 
@@ -356,6 +358,7 @@ def test_evaluation_warns_when_the_student_predicts_one_class(tmp_path, tokenize
         metrics = trainer.evaluate()
     assert metrics["eval_accuracy"] == 0.5
     assert "The student (kd) predicted class 1 on all 16 evaluation rows" in caplog.text
+    assert metrics["eval_collapsed_to_class"] == 1  # logged, so the model card can flag it
 
 
 def test_evaluate_reports_the_students_task_loss(tmp_path, tokenizer, tiny_pair):

@@ -1,8 +1,7 @@
-"""Fault injection: every fault and bad input of docs/reliability.md, each with the outcome it must get."""
+"""Fault injection: every fault and bad input of the reliability page (docs/reliability.md), each with the outcome it must get."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -13,7 +12,7 @@ import datasets
 import pytest
 import torch
 from testing_utils import TINY_RUN, keyword_dataset, tiny_classifier, tiny_run_args
-from transformers import BertForSequenceClassification, TrainerCallback
+from transformers import TrainerCallback
 
 from hf_distill import (
     DistillationTrainer,
@@ -26,11 +25,9 @@ from hf_distill import (
     OnlineDistillTrainingArguments,
 )
 from hf_distill.data.quiz import split_quiz
-from hf_distill.publishing.model_card import usage_lines
 from hf_distill.safety.checksums import CheckpointIntegrityError
 from hf_distill.safety.nonfinite import NonFiniteError, first_nonfinite_parameter
 from hf_distill.teacher.checkpoint import save_teacher_state
-from hf_distill.teacher.master_weights import MasterWeightsAdamW
 
 # ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
 
@@ -101,39 +98,6 @@ def test_a_token_in_teacher_model_init_kwargs_is_in_no_saved_file(tmp_path, toke
     assert (tmp_path / "out" / "checkpoint-2" / "training_args.bin").is_file()
     assert _files_containing(tmp_path, SECRET) == []
     assert trainer.args.teacher_model_init_kwargs["token"] == SECRET
-
-
-def test_a_lora_students_card_loads_it_with_peft_on_the_named_base(tmp_path, tokenizer):
-    from peft import LoraConfig, get_peft_model
-
-    base_dir = tmp_path / "base"
-    tiny_classifier(1, seed=2).save_pretrained(base_dir)
-    base = BertForSequenceClassification.from_pretrained(base_dir)
-    student = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=tiny_classifier(2, seed=1),
-        args=tiny_run_args(DistillationTrainingArguments, tmp_path, max_steps=1),
-        train_dataset=keyword_dataset(16),
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    adapter_dir = tmp_path / "adapter"
-    trainer.save_model(str(adapter_dir))
-    card = (adapter_dir / "README.md").read_text()
-    assert "PeftModel.from_pretrained" in card and "standard `transformers` model" not in card
-    # The snippet, pointed at the local base and adapter folders, gives the trained student.
-    run = dataclasses.replace(
-        trainer._distillation_run(model_name="adapter"), base_model=str(base_dir), repo_id=str(adapter_dir)
-    )
-    code = "\n".join(usage_lines(run)).split("```python\n")[1].split("```")[0]
-    assert f'from_pretrained("{base_dir}")' in code
-    namespace: dict = {}
-    exec(code, namespace)
-    batch = tokenizer(["w7 w9 w11"], return_tensors="pt")
-    student.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(namespace["model"](**batch).logits, student(**batch).logits)
 
 
 # ----- checkpoints whose teacher state is missing or damaged ---------------------------------------------------
@@ -354,71 +318,6 @@ def test_quiz_split_stratifies_the_trainers_label_column(tmp_path, tokenizer):
     assert 2 in trainer.quiz_dataset["labels"]
 
 
-# ----- a bf16 teacher that learns --------------------------------------------------------------------------------
-
-
-def _teacher_update(tmp_path, tokenizer, dtype, master: bool = True, **overrides):
-    teacher = tiny_classifier(2, seed=1).to(dtype)
-    start = [p.detach().float().clone() for p in teacher.parameters()]
-    args = tiny_run_args(
-        OnlineDistillTrainingArguments,
-        tmp_path,
-        **{"max_steps": 10, "teacher_fp32_master_weights": master, **overrides},
-    )
-    trainer = OnlineDistillTrainer(
-        model=tiny_classifier(1, seed=2),
-        teacher_model=teacher,
-        args=args,
-        train_dataset=keyword_dataset(160),
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    params = list(trainer.teacher_model.parameters())
-    optimizer = trainer.teacher_optimizer
-    weights = optimizer.float32_weights(params) if isinstance(optimizer, MasterWeightsAdamW) else params
-    update = torch.cat([(w.detach().float() - s).flatten() for w, s in zip(weights, start, strict=True)])
-    return trainer, update
-
-
-def test_a_bf16_teachers_update_follows_the_fp32_one(tmp_path, tokenizer):
-    _, reference = _teacher_update(tmp_path / "fp32", tokenizer, torch.float32)
-    trainer, update = _teacher_update(tmp_path / "bf16", tokenizer, torch.bfloat16)
-    assert isinstance(trainer.teacher_optimizer, MasterWeightsAdamW)
-    # The same elements move (~90% of them), along the fp32 trajectory up to bf16 forward/backward noise.
-    assert (update != 0).float().mean() == pytest.approx((reference != 0).float().mean().item(), abs=0.01)
-    assert ((update - reference).norm() / reference.norm()).item() < 0.2
-    # The model holds the master weights rounded to bf16.
-    params = list(trainer.teacher_model.parameters())
-    for p, w in zip(params, trainer.teacher_optimizer.float32_weights(params), strict=True):
-        assert torch.equal(p, w.to(torch.bfloat16))
-    # Without master weights, AdamW on the bf16 weights rounds most updates away.
-    _, pure = _teacher_update(tmp_path / "pure", tokenizer, torch.bfloat16, master=False)
-    assert ((pure - reference).norm() / reference.norm()).item() > 0.5
-
-
-def test_a_bf16_teachers_master_weights_resume_exactly(tmp_path, tokenizer):
-    straight, _ = _teacher_update(tmp_path / "straight", tokenizer, torch.bfloat16, max_steps=4)
-    _teacher_update(
-        tmp_path / "first", tokenizer, torch.bfloat16, max_steps=4, save_strategy="steps", save_steps=2
-    )
-    teacher = tiny_classifier(2, seed=1).to(torch.bfloat16)
-    resumed = OnlineDistillTrainer(
-        model=tiny_classifier(1, seed=2),
-        teacher_model=teacher,
-        args=tiny_run_args(OnlineDistillTrainingArguments, tmp_path / "resumed", max_steps=4),
-        train_dataset=keyword_dataset(160),
-        processing_class=tokenizer,
-    )
-    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-2"))
-    mine, theirs = list(resumed.teacher_model.parameters()), list(straight.teacher_model.parameters())
-    for a, b in zip(
-        resumed.teacher_optimizer.float32_weights(mine),
-        straight.teacher_optimizer.float32_weights(theirs),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-
-
 # ----- non-finite values ---------------------------------------------------------------------------------------
 
 TRAINERS = {
@@ -549,3 +448,81 @@ def test_non_finite_weights_are_never_written(tmp_path, tokenizer):
     with pytest.raises(NonFiniteError, match=r"Refusing to write the teacher into a checkpoint"):
         save_teacher_state(tmp_path / "checkpoint", trainer.teacher_models[0], None, None)
     assert not (tmp_path / "student").exists() and not (tmp_path / "checkpoint" / "teacher").exists()
+
+
+# ----- data the models cannot read, refused when the trainer is built ---------------------------------------
+
+
+@pytest.mark.parametrize("trainer_class", [MetaDistillTrainer, LGTMTrainer])
+def test_quiz_labels_outside_the_classes_are_refused_when_built(tmp_path, tokenizer, trainer_class):
+    quiz = _with_labels(keyword_dataset(8, seed=3), [0, 1, 5, 0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match=r"quiz data's 'label' column holds 5 at row 2 .*outside \[0, 2\)"):
+        _quiz_trainer(trainer_class, tmp_path, tokenizer, keyword_dataset(32), quiz_dataset=quiz)
+
+
+@pytest.mark.parametrize(
+    ("labels", "kind", "fix"),
+    [
+        (lambda i: ["neg", "pos"][i % 2], "string", "class_encode_column"),
+        (lambda i: float(i % 2), "float", "num_labels=1"),
+        (lambda i: bool(i % 2), "boolean", "cast_column"),
+        (lambda i: [i % 2], "list of integer", r"row\['label'\]\[0\]"),
+    ],
+)
+@pytest.mark.parametrize("method", ["kd", "lgtm"])
+def test_labels_of_the_wrong_kind_are_refused_with_their_fix(tmp_path, tokenizer, method, labels, kind, fix):
+    data = keyword_dataset(32)
+    data = data.remove_columns("label").add_column("label", [labels(i) for i in range(len(data))])
+    trainer_class, args_class = TRAINERS[method]
+    extra = {"quiz_split": 0.25} if method == "lgtm" else {}
+    with pytest.raises(ValueError, match=rf"'label' column holds {kind} values, but .*{fix}"):
+        trainer_class(
+            model=tiny_classifier(1, seed=2),
+            teacher_model=tiny_classifier(2, seed=1),
+            args=tiny_run_args(args_class, tmp_path, **extra),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+
+
+def test_rows_longer_than_a_models_positions_are_refused_before_training(tmp_path, tokenizer):
+    # The tiny models allow 64 positions; an evaluation row of 80 tokens would fail only after training.
+    long_eval = keyword_dataset(4, length=100, seed=5)
+    longest = max(len(ids) for ids in long_eval["input_ids"])
+    assert longest > 64
+    with pytest.raises(
+        ValueError, match=rf"evaluation data's row \d+ has {longest} tokens .*student accepts at most 64"
+    ):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(DistillationTrainingArguments, tmp_path),
+            train_dataset=keyword_dataset(8),
+            eval_dataset=long_eval,
+            processing_class=tokenizer,
+        )
+
+
+def test_a_second_live_run_in_the_same_output_dir_is_refused_before_training(tmp_path, tokenizer):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from hf_distill.safety.run_lock import LOCK_NAME, OutputDirInUseError
+
+    trainer = _trainer("kd", tmp_path, tokenizer)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": other.pid, "host": socket.gethostname(), "started": time.time()}
+        (Path(trainer.args.output_dir) / LOCK_NAME).write_text(json.dumps(lock))
+        with pytest.raises(OutputDirInUseError, match=f"pid {other.pid}"):
+            trainer.train()
+    finally:
+        other.kill()
+        other.wait()
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    trainer.train()  # the other run is gone: its lock is taken over, and the lock is released at the end
+    assert not (Path(trainer.args.output_dir) / LOCK_NAME).exists()

@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 
 from hf_distill.data.label_checks import (
+    check_input_length,
     check_label_range,
+    check_label_type,
     check_not_empty,
     find_label_column,
+    label_kind,
     label_values,
     labelled_rows,
+    longest_row,
 )
 
 
@@ -62,3 +66,64 @@ def test_check_not_empty():
         check_not_empty(
             datasets.Dataset.from_dict({"label": np.zeros(0, dtype=int)}), "quiz set", "Give rows."
         )
+
+
+# ----- the label column's kind and the inputs' length --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        ([0, 1, 1], "integer"),
+        ([0.0, 1.0, 1.0], "float"),
+        ([True, False, True], "boolean"),
+        (["neg", "pos", "pos"], "string"),
+        ([[0], [1], [1]], "list of integer"),
+        ([[0, -100], [1, 1], [1]], "list of integer"),
+    ],
+)
+def test_label_kind_is_read_from_arrow_and_from_python_rows(values, kind):
+    assert label_kind(datasets.Dataset.from_dict({"label": values}), "label") == kind
+    assert label_kind([{"label": v} for v in values], "label") == kind
+
+
+@pytest.mark.parametrize(
+    ("values", "expected", "fix"),
+    [
+        (["neg", "pos"], "integer", r"class_encode_column\('label'\)"),
+        ([True, False], "integer", r"cast_column\('label', datasets.Value\('int64'\)\)"),
+        ([0.0, 1.0], "integer", "num_labels=1"),
+        ([[0], [1]], "integer", r"row\['label'\]\[0\]"),
+        ([0, 1], "list of integer", "convert the column to list of integer"),
+        (["a", "b"], "float", "class_encode_column"),
+    ],
+)
+def test_a_label_column_of_the_wrong_kind_is_refused_with_its_fix(values, expected, fix):
+    dataset = datasets.Dataset.from_dict({"label": values})
+    with pytest.raises(ValueError, match=f"'label' column holds .* values, but .*{fix}"):
+        check_label_type(dataset, "label", expected, "training")
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([0, 1], "integer"), ([[0, 1], [1]], "list of integer"), ([0.5, 1.0], "float"), ([0, 3], "float")],
+)
+def test_labels_a_head_can_read_pass(values, expected):
+    check_label_type(datasets.Dataset.from_dict({"label": values}), "label", expected)
+
+
+def test_the_longest_row_is_found_through_a_row_selection():
+    dataset = datasets.Dataset.from_dict({"input_ids": [[1] * 3, [1] * 9, [1] * 5]})
+    assert longest_row(dataset) == (9, 1)
+    assert longest_row(dataset.select([0, 2])) == (5, 1)
+    assert longest_row(datasets.Dataset.from_dict({"text": ["a"]})) is None
+
+
+def test_rows_longer_than_the_position_limit_are_refused_naming_row_and_fix():
+    dataset = datasets.Dataset.from_dict({"input_ids": [[1] * 3, [1] * 9]})
+    check_input_length(dataset, 9, "teacher")
+    check_input_length(dataset, None, "teacher")  # no limit (rotary positions)
+    with pytest.raises(
+        ValueError, match=r"evaluation data's row 1 has 9 tokens .* teacher accepts at most 8 .*max_length=8"
+    ):
+        check_input_length(dataset, 8, "teacher", "evaluation")

@@ -402,7 +402,9 @@ def test_unsupported_settings_are_refused(tmp_path, tokenizer):
             train_dataset=keyword_dataset(16).map(lambda r: {"label": float(r["label"])}),
             processing_class=tokenizer,
         )
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+    with pytest.raises(
+        ValueError, match="LGTMTrainer's lookahead is one student step.*gradient_accumulation_steps=1"
+    ):
         make_trainer(tmp_path, tokenizer, gradient_accumulation_steps=2)
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1, optim="sgd")
     student_before = copy.deepcopy(trainer.model.state_dict())
@@ -609,3 +611,104 @@ def test_golden_step_matches_the_reference_order(tmp_path, tokenizer, mode, step
         (a - b).abs().max() for a, b in zip(slow.teacher.parameters(), initial.parameters(), strict=True)
     )
     assert moved > 1e-4  # the teacher did learn: the comparison is not between two untouched copies
+
+
+def test_distillation_meta_and_lgtm_weigh_their_losses_by_one_rule(tmp_path, tokenizer):
+    from hf_distill import (
+        DistillationTrainer,
+        DistillationTrainingArguments,
+        MetaDistillTrainer,
+        MetaDistillTrainingArguments,
+    )
+
+    def build(trainer_class, args):  # each trainer its own models: the distillation one freezes its teacher
+        return trainer_class(
+            model=tiny_classifier(1, seed=2),
+            teacher_model=tiny_classifier(2, seed=1),
+            args=args,
+            train_dataset=keyword_dataset(32),
+            processing_class=tokenizer,
+        )
+
+    trainers = [
+        build(DistillationTrainer, tiny_run_args(DistillationTrainingArguments, tmp_path / "kd", alpha=0.3)),
+        build(MetaDistillTrainer, tiny_run_args(MetaDistillTrainingArguments, tmp_path / "meta", alpha=0.3)),
+        build(LGTMTrainer, make_args(tmp_path / "lgtm", alpha=0.3)),
+    ]
+    distill, task = torch.tensor(0.8), torch.tensor(2.0)
+    for trainer in trainers:
+        assert trainer.student_loss(distill, task).item() == pytest.approx(0.3 * 0.8 + 0.7 * 2.0)
+        assert trainer.student_loss(distill, None) is distill  # no task loss: the distillation term alone
+    # LGTM's lookahead loss, from logits, follows the same rule.
+    generator = torch.Generator().manual_seed(0)
+    z_s, z_t = torch.randn(4, 2, generator=generator), torch.randn(4, 2, generator=generator)
+    labels = torch.tensor([0, 1, 1, 0])
+    expected = 0.3 * kl_divergence(z_s, z_t, temperature=1.0) + 0.7 * F.cross_entropy(z_s, labels)
+    torch.testing.assert_close(trainers[2]._student_objective(z_s, z_t, labels), expected)
+
+
+def test_online_and_lgtm_teachers_learn_from_one_online_loss(tmp_path, tokenizer):
+    from hf_distill import OnlineDistillTrainer, OnlineDistillTrainingArguments
+    from hf_distill.data.batch import DistillationBatch
+
+    settings = dict(teacher_alpha=0.4, temperature=2.0)
+    online = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=tiny_run_args(OnlineDistillTrainingArguments, tmp_path / "online", **settings),
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    lgtm = make_trainer(tmp_path, tokenizer, **settings)
+    batch = DistillationBatch.from_collated(next(iter(online.get_train_dataloader())))
+    z_s = torch.randn(batch.labels.shape[0], 2, generator=torch.Generator().manual_seed(0))
+    z_t = online.teacher_models[0](**batch.features).logits
+    kl = kl_divergence(z_t, z_s, temperature=2.0, scale_by_temperature_squared=True)
+    expected = 0.4 * kl + 0.6 * F.cross_entropy(z_t, batch.labels)
+    torch.testing.assert_close(online.teacher_objective(batch, z_s), expected)
+    torch.testing.assert_close(lgtm._teacher_aux_loss(z_t, z_s, batch.labels), expected)
+    for trainer in (online, lgtm):
+        assert list(trainer._logged_components) == ["teacher_kl", "teacher_task_loss"]
+        torch.testing.assert_close(trainer._logged_components["teacher_kl"][0], kl.detach())
+
+
+def test_callbacks_given_without_a_trainer_are_bound_and_those_given_one_keep_it(tmp_path, tokenizer):
+    from types import SimpleNamespace
+
+    from hf_distill import InfluenceLoggerCallback
+
+    unbound = InfluenceLoggerCallback(output_file=tmp_path / "unbound.jsonl")
+    elsewhere = SimpleNamespace(latest_influence=None)
+    given = InfluenceLoggerCallback(output_file=tmp_path / "given.jsonl", trainer=elsewhere)
+    trainer = LGTMTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=make_args(tmp_path),
+        train_dataset=keyword_dataset(48),
+        processing_class=tokenizer,
+        callbacks=[unbound, given],
+    )
+    assert unbound.trainer is trainer
+    assert given.trainer is elsewhere
+
+
+@pytest.mark.parametrize("student_targets", ["updated", "pre_update"])
+def test_the_step_influence_record_comes_from_one_hook(tmp_path, tokenizer, student_targets):
+    class TaggedRecords(LGTMTrainer):
+        def influence_record(self, weights, batch, student_logits):
+            return {**super().influence_record(weights, batch, student_logits), "tag": "hook"}
+
+    trainer = TaggedRecords(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=make_args(tmp_path, max_steps=1, lgtm_student_targets=student_targets),
+        train_dataset=keyword_dataset(48),
+        processing_class=tokenizer,
+    )
+    assert trainer.latest_influence is None
+    trainer.train()
+    record = trainer.latest_influence
+    assert record["tag"] == "hook" and record["step"] == 0
+    # The teacher column is filled from the soft labels of the student's real step, in both orders.
+    assert record["teacher_gold_prob"].shape == record["influence"].shape == (8,)
+    assert torch.all((record["teacher_gold_prob"] > 0) & (record["teacher_gold_prob"] < 1))

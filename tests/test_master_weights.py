@@ -1,4 +1,5 @@
-"""hf_distill.master_weights: a bf16 teacher's AdamW steps follow float32 ones within bf16 rounding."""
+"""hf_distill.master_weights: a bf16 teacher's AdamW steps follow float32 ones within bf16 rounding, in the
+optimizer alone and in a teacher that learns with `OnlineDistillTrainer` (resumed from a checkpoint too)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import io
 
 import pytest
 import torch
+from testing_utils import keyword_dataset, tiny_classifier, tiny_run_args
 
+from hf_distill import OnlineDistillTrainer, OnlineDistillTrainingArguments
 from hf_distill.teacher.master_weights import MasterWeightsAdamW, has_half_precision
 
 
@@ -95,3 +98,68 @@ def test_a_state_of_another_size_is_refused(setting):
 def test_has_half_precision():
     assert has_half_precision([torch.zeros(1), torch.zeros(1, dtype=torch.float16)])
     assert not has_half_precision([torch.zeros(1)])
+
+
+# ----- a bf16 teacher that learns --------------------------------------------------------------------------------
+
+
+def _teacher_update(tmp_path, tokenizer, dtype, master: bool = True, **overrides):
+    teacher = tiny_classifier(2, seed=1).to(dtype)
+    start = [p.detach().float().clone() for p in teacher.parameters()]
+    args = tiny_run_args(
+        OnlineDistillTrainingArguments,
+        tmp_path,
+        **{"max_steps": 10, "teacher_fp32_master_weights": master, **overrides},
+    )
+    trainer = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=keyword_dataset(160),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    params = list(trainer.teacher_model.parameters())
+    optimizer = trainer.teacher_optimizer
+    weights = optimizer.float32_weights(params) if isinstance(optimizer, MasterWeightsAdamW) else params
+    update = torch.cat([(w.detach().float() - s).flatten() for w, s in zip(weights, start, strict=True)])
+    return trainer, update
+
+
+def test_a_bf16_teachers_update_follows_the_fp32_one(tmp_path, tokenizer):
+    _, reference = _teacher_update(tmp_path / "fp32", tokenizer, torch.float32)
+    trainer, update = _teacher_update(tmp_path / "bf16", tokenizer, torch.bfloat16)
+    assert isinstance(trainer.teacher_optimizer, MasterWeightsAdamW)
+    # The same elements move (~90% of them), along the fp32 trajectory up to bf16 forward/backward noise.
+    assert (update != 0).float().mean() == pytest.approx((reference != 0).float().mean().item(), abs=0.01)
+    assert ((update - reference).norm() / reference.norm()).item() < 0.2
+    # The model holds the master weights rounded to bf16.
+    params = list(trainer.teacher_model.parameters())
+    for p, w in zip(params, trainer.teacher_optimizer.float32_weights(params), strict=True):
+        assert torch.equal(p, w.to(torch.bfloat16))
+    # Without master weights, AdamW on the bf16 weights rounds most updates away.
+    _, pure = _teacher_update(tmp_path / "pure", tokenizer, torch.bfloat16, master=False)
+    assert ((pure - reference).norm() / reference.norm()).item() > 0.5
+
+
+def test_a_bf16_teachers_master_weights_resume_exactly(tmp_path, tokenizer):
+    straight, _ = _teacher_update(tmp_path / "straight", tokenizer, torch.bfloat16, max_steps=4)
+    _teacher_update(
+        tmp_path / "first", tokenizer, torch.bfloat16, max_steps=4, save_strategy="steps", save_steps=2
+    )
+    teacher = tiny_classifier(2, seed=1).to(torch.bfloat16)
+    resumed = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=teacher,
+        args=tiny_run_args(OnlineDistillTrainingArguments, tmp_path / "resumed", max_steps=4),
+        train_dataset=keyword_dataset(160),
+        processing_class=tokenizer,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-2"))
+    mine, theirs = list(resumed.teacher_model.parameters()), list(straight.teacher_model.parameters())
+    for a, b in zip(
+        resumed.teacher_optimizer.float32_weights(mine),
+        straight.teacher_optimizer.float32_weights(theirs),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

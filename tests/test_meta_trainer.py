@@ -397,7 +397,7 @@ def test_settings_without_double_backward_are_refused_before_training(tmp_path, 
     student.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'.*'sdpa'"):
         make_trainer(tmp_path, tokenizer, student=student)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+    with pytest.raises(ValueError, match="MetaDistillTrainer's pilot update.*gradient_accumulation_steps=1"):
         make_trainer(tmp_path, tokenizer, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="set torch_compile=False"):
         make_trainer(tmp_path, tokenizer, torch_compile=True)
@@ -438,3 +438,15 @@ def test_teacher_activation_checkpointing_gives_the_same_meta_steps(tmp_path, to
         trainers[checkpointing] = trainer
     assert_same_parameters(trainers[False].teacher_model, trainers[True].teacher_model, "teacher.")
     assert_same_parameters(trainers[False].model, trainers[True].model, "student.")
+
+
+def test_a_batch_the_teacher_would_misread_is_refused_as_in_the_distillation_trainer(tmp_path, tokenizer):
+    from hf_distill.data.batch import DistillationBatch
+
+    trainer = make_trainer(tmp_path, tokenizer)
+    batch = DistillationBatch.from_collated(next(iter(trainer.get_train_dataloader())))
+    trainer._teachers_need_own_inputs = lambda: [0]  # as for a teacher with a vocabulary of its own
+    with pytest.raises(ValueError, match="no teacher_ input columns.*add_teacher_inputs"):
+        trainer._teacher_outputs_with_graph(batch)
+    with pytest.raises(ValueError, match="no teacher_ input columns.*add_teacher_inputs"):
+        trainer.teacher_logits(batch.student, {})

@@ -11,11 +11,12 @@ from hf_distill.publishing.model_card import (
     build_model_card,
     build_teacher_card,
     compression_ratio,
+    final_collapsed_classes,
     final_eval_metrics,
     influence_paragraph,
     summarize_influence,
 )
-from hf_distill.publishing.model_sources import LOCAL, TeacherInfo
+from hf_distill.publishing.model_sources import LOCAL, TeacherInfo, name_teachers
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -50,6 +51,9 @@ def test_final_eval_metrics_takes_the_latest_evaluation_and_separates_the_teache
     student, teacher, step = final_eval_metrics(history)
     assert student == {"loss": 0.6, "accuracy": 0.75}
     assert teacher == {"loss": 0.4, "accuracy": 0.8}
+    # Trainer's model-preparation time describes the run, not the model, whichever model it was logged for.
+    timed = [*history, {"eval_teacher_model_preparation_time": 0.01, "eval_model_preparation_time": 0.02}]
+    assert final_eval_metrics(timed)[:2] == (student, teacher)
     assert step == 10
     # The best checkpoint's evaluation, when the best model was loaded at the end.
     assert final_eval_metrics(history, up_to_step=5) == (
@@ -61,10 +65,11 @@ def test_final_eval_metrics_takes_the_latest_evaluation_and_separates_the_teache
 
 
 def test_influence_summary_compares_early_and_late_steps():
-    history = [{"loss": 1.0, "step": 0}]
+    history = []
     for step, frac in enumerate([0.6, 0.6, 0.4, 0.4, 0.2, 0.2], start=1):
         history.append(
             {
+                "loss": 1.0,
                 "influence_frac_negative": frac,
                 "influence_mean": -frac,
                 "teacher_grad_norm_aux": 2.0,
@@ -73,15 +78,59 @@ def test_influence_summary_compares_early_and_late_steps():
             }
         )
     summary = summarize_influence(history)
-    assert summary["logged_steps"] == 6 and (summary["first_step"], summary["last_step"]) == (1, 6)
+    # Trainer logs the steps 1-6 (global_step after each step); the influence log numbers them 0-5.
+    assert summary["logged_steps"] == 6 and (summary["first_step"], summary["last_step"]) == (0, 5)
     assert summary["frac_negative"] == pytest.approx(0.4)
     assert summary["frac_negative_early"] == pytest.approx(0.6)
     assert summary["frac_negative_late"] == pytest.approx(0.2)
     assert summary["influence_mean_late"] == pytest.approx(-0.2)
     assert summary["grad_norm_ratio"] == pytest.approx(0.01)
     text = influence_paragraph(summary)
-    assert "40.0 %" in text and "60.0 %" in text and "20.0 %" in text and "steps 1–6" in text
+    assert "40.0 %" in text and "60.0 %" in text and "20.0 %" in text
+    assert "Over optimisation steps 0–5 (counted from 0, as in the influence log)," in text
     assert summarize_influence([{"loss": 1.0, "step": 1}]) is None
+
+
+def test_influence_steps_with_logs_every_few_steps_and_after_a_resume():
+    # logging_steps=4, resumed at step 8 from a checkpoint whose logs (steps 4 and 8) came back with it.
+    history = [
+        {"loss": 1.0, "influence_frac_negative": 0.5, "step": 4},
+        {"eval_loss": 0.9, "step": 4},
+        {"loss": 1.0, "influence_frac_negative": 0.5, "step": 8},
+        {"loss": 1.0, "influence_frac_negative": 0.5, "step": 12},
+    ]
+    summary = summarize_influence(history)
+    assert (summary["first_step"], summary["last_step"]) == (0, 11)
+    text = influence_paragraph(summary)
+    assert "steps 0–11 (counted from 0, as in the influence log; 3 training logs, each averaging" in text
+    # Influence logged only from step 8 on (after a training log without it): its steps start at 4.
+    summary = summarize_influence([{"loss": 1.0, "step": 4}, *history[2:]])
+    assert (summary["first_step"], summary["last_step"], summary["logged_steps"]) == (4, 11, 2)
+
+
+def test_a_collapsed_models_latest_evaluation_is_a_warning_not_a_metric():
+    history = [
+        {"eval_loss": 0.7, "eval_accuracy": 0.5, "eval_collapsed_to_class": 1, "step": 5},
+        {"eval_teacher_accuracy": 0.5, "eval_teacher_collapsed_to_class": 0, "step": 5},
+        {"eval_loss": 0.6, "eval_accuracy": 0.75, "step": 10},  # predicts several classes again
+        {"eval_teacher_accuracy": 0.8, "step": 10},
+    ]
+    assert final_collapsed_classes(history) == (None, None)
+    assert final_collapsed_classes(history, up_to_step=5) == (1, 0)
+    assert final_collapsed_classes(history[:3]) == (None, 0)  # the teacher's latest evaluation is step 5's
+    assert final_eval_metrics(history, up_to_step=5)[:2] == (
+        {"loss": 0.7, "accuracy": 0.5},
+        {"accuracy": 0.5},
+    )
+
+    card = ModelCard(str(build_model_card(make_run(collapsed_to_class=1))))
+    assert "**Warning: the student has collapsed to one class.**" in card.text
+    assert "predicted class 1 on every row" in card.text and "the teacher has collapsed" not in card.text
+    assert card.data.to_dict()["distillation"]["collapsed_to_class"] == 1
+    healthy = ModelCard(str(build_model_card(make_run())))
+    assert (
+        "collapsed" not in healthy.text and "collapsed_to_class" not in healthy.data.to_dict()["distillation"]
+    )
 
 
 def test_card_metadata_and_text():
@@ -171,3 +220,43 @@ def test_card_of_a_local_teacher_names_its_folder_without_a_hub_link():
     assert "huggingface.co/mrpc-teacher" not in card.text
     teacher_card = build_teacher_card("online", "t", TeacherInfo("mrpc-teacher", local=True), "s", {}, {})
     assert "base_model" not in teacher_card.data.to_dict()
+
+
+def test_a_teacher_initialised_from_a_checkpoint_is_never_named_as_it():
+    fine_tuned = TeacherInfo(LOCAL, None, 1000, based_on=TeacherInfo("org/base-teacher"))
+    card = ModelCard(str(build_model_card(make_run(teachers=[fine_tuned]))))
+    entry = card.data.to_dict()["distillation"]["teachers"][0]
+    assert entry == {
+        "id": LOCAL,
+        "revision": None,
+        "parameters": 1000,
+        "based_on": {"id": "org/base-teacher", "revision": None},
+    }
+    assert "initialised from [org/base-teacher](https://huggingface.co/org/base-teacher)" in card.text
+    assert "the teacher [org/base-teacher]" not in card.text
+    # Named by the user: the name, linked when it is a Hub id, and still where it started from.
+    (named,) = name_teachers([fine_tuned], "me/sst2-teacher")
+    card = ModelCard(str(build_model_card(make_run(teachers=[named]))))
+    assert (
+        "the teacher [me/sst2-teacher](https://huggingface.co/me/sst2-teacher) (initialised from" in card.text
+    )
+    assert card.data.to_dict()["distillation"]["teachers"][0]["id"] == "me/sst2-teacher"
+    # The trained teacher's own card: a fine-tune of that checkpoint.
+    teacher_card = build_teacher_card("online", "t", fine_tuned, "s", {}, {})
+    assert teacher_card.data.to_dict()["base_model"] == "org/base-teacher"
+    assert "initialised from `org/base-teacher`" in teacher_card.text
+
+
+def test_teacher_name_gives_one_name_per_teacher():
+    hub, folder = TeacherInfo("org/teacher", COMMIT, 10), TeacherInfo("mrpc-teacher", None, 20, local=True)
+    assert name_teachers([hub, folder], None) == [hub, folder]
+    assert name_teachers([hub, folder], " org/teacher , my teacher ") == [
+        hub,  # its own id: the revision is kept
+        TeacherInfo("my teacher", None, 20, local=True),  # not a Hub id: shown, not linked
+    ]
+    with pytest.raises(
+        ValueError, match=r"teacher_name gives 1 name \('me/t'\) for 2 teachers; give one name per"
+    ):
+        name_teachers([hub, folder], "me/t")
+    with pytest.raises(ValueError, match=r"teacher_name='me/a,,me/b' has an empty name"):
+        name_teachers([hub, hub, folder], "me/a,,me/b")

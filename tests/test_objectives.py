@@ -1,4 +1,4 @@
-"""Tests for hf_distill.objectives against slow, explicit float64 references (docs/algorithms.md).
+"""Tests for hf_distill.losses.objectives against slow, explicit float64 references (docs/algorithms.md).
 
 Every reference below is an explicit loop over samples and classes with math.exp/math.log (or numpy
 float64 for Pearson), never a hard-coded output of the code under test.
@@ -710,6 +710,78 @@ def test_registry_entries_carry_the_properties_callers_need():
     assert_close(objective(s, t, "none"), generalized_jsd(s, t, 0.3, 2.0, reduction="none"))
     with pytest.raises(ValueError, match="Unknown distillation loss 'l2'"):
         DistillationObjective("l2")(s, t)
+
+
+@pytest.fixture
+def cubed_gap_loss():
+    """A user loss registered as "cubed_gap" for one test: mean over classes of |z_s − z_t|³ / τ."""
+    from hf_distill import register_distill_loss
+    from hf_distill.losses.objectives import DISTILL_LOSS_REGISTRY
+
+    @register_distill_loss("cubed_gap", compares_logits=True)
+    def cubed_gap(student_logits, teacher_logits, objective, reduction):
+        per_sample = (student_logits.float() - teacher_logits.float()).abs().pow(3).mean(-1)
+        per_sample = per_sample / objective.temperature
+        if reduction == "none":
+            return per_sample
+        return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+    yield cubed_gap
+    DISTILL_LOSS_REGISTRY.pop("cubed_gap")
+
+
+def test_a_registered_loss_is_accepted_by_the_arguments_and_used_by_the_trainer(
+    cubed_gap_loss, tmp_path, tokenizer
+):
+    from testing_utils import keyword_dataset, tiny_classifier, tiny_run_args
+
+    from hf_distill import DistillationTrainer, DistillationTrainingArguments, registered_distill_losses
+    from hf_distill.losses.objectives import DistillationObjective
+
+    assert "cubed_gap" in registered_distill_losses()
+    args = tiny_run_args(
+        DistillationTrainingArguments, tmp_path, distill_loss="cubed_gap", alpha=1.0, temperature=2.0
+    )
+    teacher, student = tiny_classifier(layers=2, seed=1), tiny_classifier(layers=1, seed=2)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=keyword_dataset(8),
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))  # alpha=1: the distillation term alone
+        expected = cubed_gap_loss(
+            student(**inputs).logits, teacher(**inputs).logits, DistillationObjective.from_args(args), "mean"
+        )
+    assert expected > 0
+    assert_close(loss, expected)
+
+
+def test_registering_a_name_twice_is_an_error(cubed_gap_loss):
+    from hf_distill import register_distill_loss
+
+    for name in ("kl", "cubed_gap"):
+        with pytest.raises(ValueError, match=f"loss named '{name}' is already registered"):
+            register_distill_loss(name)(lambda s, t, o, r: s.sum())
+    with pytest.raises(ValueError, match="unknown settings \\['beta'\\]"):
+        register_distill_loss("other", settings=("beta",))
+
+
+def test_an_unknown_loss_is_refused_naming_the_registered_ones(cubed_gap_loss, tmp_path):
+    from testing_utils import tiny_run_args
+
+    from hf_distill import DistillationTrainingArguments
+
+    with pytest.raises(ValueError) as info:
+        tiny_run_args(DistillationTrainingArguments, tmp_path, distill_loss="l3")
+    message = str(info.value)
+    assert "distill_loss='l3' is unknown" in message and "register_distill_loss" in message
+    for name in (*DISTILL_LOSSES, "cubed_gap"):
+        assert repr(name) in message
 
 
 def test_online_teacher_loss_treats_the_student_as_a_constant_target():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -255,7 +256,12 @@ def test_the_teacher_is_evaluated_on_its_own_inputs(tmp_path, tokenizer):
     )
     teacher.train()
     metrics = trainer.evaluate_teacher()
-    assert set(metrics) == {"eval_teacher_loss", "eval_teacher_accuracy", "eval_teacher_f1"}
+    # An untrained tiny teacher may predict one class everywhere: the metric that says so is the only extra.
+    assert set(metrics) - {"eval_teacher_collapsed_to_class"} == {
+        "eval_teacher_loss",
+        "eval_teacher_accuracy",
+        "eval_teacher_f1",
+    }
     assert teacher.training  # its mode is restored for training
     correct, total_loss = 0, 0.0
     with torch.no_grad():
@@ -397,3 +403,78 @@ def test_teacher_optimizer_is_torch_fused_adamw_with_trainer_style_decay_groups(
         optimizer.param_groups[0]["weight_decay"] == 0.1 and optimizer.param_groups[1]["weight_decay"] == 0.0
     )
     assert names and not any("bias" in n or "LayerNorm" in n for n in names)
+
+
+def test_the_teacher_is_evaluated_without_taking_the_students_place(tmp_path, tokenizer, caplog):
+    teacher, student = tiny_classifier(2, seed=1), tiny_classifier(1, seed=2)
+    with torch.no_grad():  # a teacher that predicts class 0 everywhere: its collapse is named as its own
+        teacher.classifier.bias.copy_(torch.tensor([100.0, -100.0]))
+    data = keyword_dataset(24)
+    trainer = OnlineDistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+        compute_metrics=glue_compute_metrics("mrpc"),
+    )
+    seen = []
+    prediction_step = trainer.prediction_step
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append((model, trainer.model, trainer.model_wrapped))
+        return prediction_step(model, inputs, *args, **kwargs)
+
+    trainer.prediction_step = spy
+    with caplog.at_level(logging.WARNING):
+        metrics = trainer.evaluate_teacher()
+    assert seen and all(m is teacher and s is student and w is student for m, s, w in seen)
+    assert metrics["eval_teacher_accuracy"] == pytest.approx(sum(1 for r in data if r["label"] == 0) / 24)
+    assert "The teacher (online) predicted class 0" in caplog.text
+    assert "The student" not in caplog.text
+
+
+def test_a_teacher_frozen_by_a_distillation_trainer_is_refused_with_the_cause_and_the_fix(
+    tmp_path, tokenizer
+):
+    from hf_distill import DistillationTrainer, DistillationTrainingArguments
+
+    teacher = tiny_classifier(2, seed=1)
+    DistillationTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=teacher,
+        args=tiny_run_args(DistillationTrainingArguments, tmp_path / "kd"),
+        train_dataset=keyword_dataset(8),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"a DistillationTrainer built on this teacher froze it.*requires_grad_\(True\).*copy\.deepcopy",
+    ):
+        OnlineDistillTrainer(
+            model=tiny_classifier(1, seed=2), teacher_model=teacher, args=make_args(tmp_path)
+        )
+    teacher.requires_grad_(True)  # the fix the message names
+    online = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2), teacher_model=teacher, args=make_args(tmp_path)
+    )
+    assert online.teacher_model is teacher
+
+
+def test_a_collapsed_teacher_is_logged_with_its_class(tmp_path, tokenizer):
+    # A teacher whose classifier always answers 1 is flagged in its metrics (and so in the model card).
+    teacher = tiny_classifier(2, seed=1)
+    with torch.no_grad():
+        teacher.classifier.weight.zero_()
+        teacher.classifier.bias.copy_(torch.tensor([-5.0, 5.0]))
+    trainer = OnlineDistillTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=teacher,
+        args=make_args(tmp_path),
+        train_dataset=keyword_dataset(16),
+        eval_dataset=keyword_dataset(8),
+        processing_class=tokenizer,
+        compute_metrics=glue_compute_metrics("mrpc"),
+    )
+    assert trainer.evaluate_teacher()["eval_teacher_collapsed_to_class"] == 1

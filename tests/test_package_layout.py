@@ -26,8 +26,10 @@ ALLOWED = {
     "publishing": {"publishing", "losses", "teacher", "safety", "distributed"},
     "callbacks": set(),
     "plotting": set(),
-    "trainers": {"trainers", "losses", "data", "teacher", "publishing", "safety", "distributed"},
+    "trainers": {"trainers", "losses", "data", "teacher", "publishing", "safety", "distributed", "callbacks"},
     "glue": {"glue"},
+    "students": {"teacher", "distributed"},
+    "evaluation": set(),
 }
 
 

@@ -251,6 +251,24 @@ def test_trajectories_legend_title_and_panels_do_not_overlap(tmp_path, monkeypat
             assert not boxes[a].overlaps(boxes[b]), f"{a} overlaps {b}"
 
 
+@pytest.mark.parametrize("num_steps", [3, 40])
+def test_both_figures_have_whole_step_ticks_and_say_what_a_step_is(tmp_path, monkeypatch, num_steps):
+    figures = []
+    save = plotting._save
+    monkeypatch.setattr(plotting, "_save", lambda figure, path: figures.append(figure) or save(figure, path))
+    records = synthetic_records(num_steps=num_steps)  # 3 steps: the default locator would tick 0.25, 0.5, ...
+    plot_sample_trajectories(records, [records[0]["idx"]], tmp_path / "t.png")
+    plot_mean_trend(records, tmp_path / "m.png", num_samples=8)
+    for figure in figures:
+        figure.canvas.draw()
+        ax = figure.axes[-1]
+        left, right = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if left <= t <= right]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        # The log's `step`: global_step before the step, from 0 (the trainer's own logs count from 1).
+        assert ax.get_xlabel() == "optimisation step (counted from 0, as in the influence log)"
+
+
 def test_figures_refuse_samples_not_in_the_log(tmp_path):
     records = synthetic_records(num_steps=3)
     with pytest.raises(ValueError, match=r"none of the samples \[1000, 1001\] is in the influence log"):

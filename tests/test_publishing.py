@@ -7,7 +7,9 @@ Hub request fail.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import shutil
 from concurrent.futures import Future
 from pathlib import Path
@@ -16,8 +18,9 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
-from testing_utils import keyword_dataset, tiny_classifier
-from transformers import AutoModelForSequenceClassification
+from safetensors.torch import save_file
+from testing_utils import keyword_dataset, tiny_classifier, tiny_run_args
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from hf_distill import (
     DistillationTrainer,
@@ -29,8 +32,9 @@ from hf_distill import (
     OnlineDistillTrainingArguments,
     glue_compute_metrics,
 )
-from hf_distill.publishing.hub import HUB_STAGING_DIR
-from hf_distill.publishing.model_sources import TeacherInfo
+from hf_distill.publishing.hub import HUB_STAGING_DIR, teacher_source
+from hf_distill.publishing.model_card import usage_lines
+from hf_distill.publishing.model_sources import LOCAL, TeacherInfo
 from hf_distill.teacher.loading import load_teacher
 
 STUDENT_FILES = {
@@ -225,15 +229,147 @@ def test_save_model_writes_the_student_and_its_card(tmp_path, tokenizer, hub):
     assert not hub.uploads  # args.push_to_hub is off: nothing is uploaded
 
 
-def test_card_names_the_teacher_given_as_a_hub_id(tmp_path, tokenizer, hub):
+def test_card_never_names_a_changed_in_memory_teacher_after_its_checkpoint(tmp_path, tokenizer, hub):
     teacher = tiny_classifier(2, seed=1)
-    teacher.config._name_or_path = "org/tiny-teacher"  # a module loaded from the Hub
+    teacher.config._name_or_path = "org/tiny-teacher"  # loaded from the Hub, then changed (not in the cache)
     trainer = make_trainer("kd", tmp_path, tokenizer, teacher=teacher, max_steps=1, eval_strategy="no")
     trainer.push_to_hub(dataset="keyword task", tags=["my-tag"], license="apache-2.0")
     data = card_data(hub.uploads[0]["copy"])
-    assert data["distillation"]["teachers"][0]["id"] == "org/tiny-teacher"
+    entry = data["distillation"]["teachers"][0]
+    assert entry["id"] == LOCAL and entry["based_on"] == {"id": "org/tiny-teacher", "revision": None}
     assert data["license"] == "apache-2.0" and "my-tag" in data["tags"] and "kd" in data["tags"]
-    assert "keyword task" in ModelCard.load(hub.uploads[0]["copy"] / "README.md").text
+    text = ModelCard.load(hub.uploads[0]["copy"] / "README.md").text
+    assert "keyword task" in text and "initialised from [org/tiny-teacher](https://huggingface.co/org" in text
+    assert "the teacher [org/tiny-teacher]" not in text
+
+
+def _cached_hub_model(cache, repo_id: str, model) -> str:
+    """``model``'s weights as the local Hub cache holds ``repo_id`` at its main revision; returns the commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    model.save_pretrained(snapshot)
+    return commit
+
+
+def test_an_in_memory_teacher_is_named_after_its_checkpoint_only_while_it_holds_its_weights(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    commit = _cached_hub_model(tmp_path / "cache", "org/tiny-teacher", tiny_classifier(2, seed=1))
+    tiny_classifier(2, seed=1).save_pretrained(tmp_path / "mrpc-teacher")
+    for name_or_path, named in (
+        ("org/tiny-teacher", TeacherInfo("org/tiny-teacher", commit)),
+        (str(tmp_path / "mrpc-teacher"), TeacherInfo("mrpc-teacher", local=True)),
+    ):
+        teacher = BertForSequenceClassification.from_pretrained(
+            name_or_path if name_or_path != "org/tiny-teacher" else tmp_path / "mrpc-teacher"
+        )
+        teacher.config._name_or_path = name_or_path
+        assert teacher_source(teacher, None) == named  # the checkpoint's own weights
+        with torch.no_grad():
+            teacher.classifier.bias[0] += 1e-3  # fine-tuned in memory
+        assert teacher_source(teacher, None) == TeacherInfo(
+            LOCAL, based_on=named if named.local else TeacherInfo(named.id)
+        )
+    # A checkpoint without the module's task head (initialised at random when loaded) is not the teacher.
+    head = tiny_classifier(2, seed=1)
+    save_file(
+        {k: v for k, v in head.state_dict().items() if not k.startswith("classifier")},
+        tmp_path / "mrpc-teacher" / "model.safetensors",
+    )
+    head.config._name_or_path = str(tmp_path / "mrpc-teacher")
+    assert teacher_source(head, None).based_on == TeacherInfo("mrpc-teacher", local=True)
+    # Sharded checkpoints are compared shard by shard.
+    sharded = tmp_path / "sharded"
+    tiny_classifier(2, seed=1).save_pretrained(sharded, max_shard_size="30KB")
+    assert json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    head.config._name_or_path = str(sharded)
+    assert teacher_source(head, None) == TeacherInfo("sharded", local=True)
+
+
+def test_teacher_name_names_the_teacher_in_the_card(tmp_path, tokenizer, hub):
+    teacher = tiny_classifier(2, seed=1)
+    teacher.config._name_or_path = "org/tiny-teacher"
+    trainer = make_trainer(
+        "online", tmp_path, tokenizer, teacher=teacher, eval_strategy="no", teacher_name="me/sst2-teacher"
+    )
+    trainer.create_model_card(output_dir=tmp_path / "card")
+    data = card_data(tmp_path / "card")
+    assert data["distillation"]["teachers"] == [
+        {
+            "id": "me/sst2-teacher",
+            "revision": None,
+            "parameters": 22434,
+            "based_on": {"id": "org/tiny-teacher", "revision": None},
+        }
+    ]
+    text = ModelCard.load(tmp_path / "card" / "README.md").text
+    assert "the teacher [me/sst2-teacher](https://huggingface.co/me/sst2-teacher)" in text
+    assert "`teacher_name`" not in text  # not a hyperparameter
+    trainer.push_teacher_to_hub("me/trained-teacher")
+    assert card_data(hub.uploads[-1]["copy"])["base_model"] == "me/sst2-teacher"
+
+
+def test_teacher_name_gives_one_name_per_teacher_of_an_ensemble(tmp_path, tokenizer, hub):
+    ensemble = [tiny_classifier(2, seed=1), tiny_classifier(2, seed=3)]
+    trainer = make_trainer(
+        "kd", tmp_path, tokenizer, teacher=ensemble, eval_strategy="no", teacher_name="me/a, me/b"
+    )
+    trainer.create_model_card(output_dir=tmp_path / "card")
+    assert [t["id"] for t in card_data(tmp_path / "card")["distillation"]["teachers"]] == ["me/a", "me/b"]
+    trainer.args.teacher_name = "me/a"
+    with pytest.raises(
+        ValueError, match=r"teacher_name gives 1 name \('me/a'\) for 2 teachers; give one name per teacher"
+    ):
+        trainer.create_model_card(output_dir=tmp_path / "card")
+    for bad in ("me/a,", " ", ["me/a"]):
+        with pytest.raises(
+            ValueError, match=r"teacher_name=.* is not a list of names: give one name per teacher"
+        ):
+            DistillationTrainingArguments(output_dir=str(tmp_path), teacher_name=bad)
+
+
+def test_a_collapsed_students_card_says_so(tmp_path, tokenizer, hub):
+    trainer = make_trainer("kd", tmp_path, tokenizer, eval_strategy="no")
+    # What the trainer's evaluation logs when every prediction was one class.
+    trainer.state.log_history += [
+        {"eval_loss": 0.69, "eval_accuracy": 0.5, "eval_collapsed_to_class": 0, "step": 3},
+    ]
+    trainer.create_model_card(output_dir=tmp_path / "card")
+    text = ModelCard.load(tmp_path / "card" / "README.md").text
+    assert (
+        "**Warning: the student has collapsed to one class.** At this final evaluation it predicted class 0"
+        in text
+    )
+    assert "| collapsed_to_class |" not in text and "| accuracy | 0.5 |" in text
+    assert card_data(tmp_path / "card")["distillation"]["collapsed_to_class"] == 0
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_the_cards_influence_steps_are_those_of_the_influence_log(tmp_path, tokenizer, hub, logging_steps):
+    trainer = make_trainer(
+        "lgtm",
+        tmp_path,
+        tokenizer,
+        callbacks=[InfluenceLoggerCallback()],
+        max_steps=4,
+        logging_steps=logging_steps,
+        eval_strategy="no",
+    )
+    trainer.train()
+    with open(Path(trainer.args.output_dir) / "influence.jsonl") as log:
+        steps = sorted({json.loads(line)["step"] for line in log})
+    assert steps == [0, 1, 2, 3]
+    trainer.create_model_card(output_dir=tmp_path / "card")
+    influence = card_data(tmp_path / "card")["distillation"]["influence"]
+    assert (influence["first_step"], influence["last_step"]) == (steps[0], steps[-1])
+    assert (
+        "Over optimisation steps 0–3 (counted from 0, as in the influence log"
+        in ModelCard.load(tmp_path / "card" / "README.md").text
+    )
 
 
 def test_teacher_given_as_a_path_and_revision(tmp_path, tokenizer, hub):
@@ -334,6 +470,39 @@ def test_teacher_loading_never_turns_on_remote_code(tmp_path, monkeypatch):
     assert calls[-1] == {"revision": "v1", "use_safetensors": True, "output_loading_info": True}
     load_teacher("org/teacher", tiny_classifier(1), {"trust_remote_code": True})  # only when asked
     assert calls[-1]["trust_remote_code"] is True
+
+
+def test_a_lora_students_card_loads_it_with_peft_on_the_named_base(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    tiny_classifier(1, seed=2).save_pretrained(base_dir)
+    base = BertForSequenceClassification.from_pretrained(base_dir)
+    student = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_classifier(2, seed=1),
+        args=tiny_run_args(DistillationTrainingArguments, tmp_path, max_steps=1),
+        train_dataset=keyword_dataset(16),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    adapter_dir = tmp_path / "adapter"
+    trainer.save_model(str(adapter_dir))
+    card = (adapter_dir / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in card and "standard `transformers` model" not in card
+    # The snippet, pointed at the local base and adapter folders, gives the trained student.
+    run = dataclasses.replace(
+        trainer._distillation_run(model_name="adapter"), base_model=str(base_dir), repo_id=str(adapter_dir)
+    )
+    code = "\n".join(usage_lines(run)).split("```python\n")[1].split("```")[0]
+    assert f'from_pretrained("{base_dir}")' in code
+    namespace: dict = {}
+    exec(code, namespace)
+    batch = tokenizer(["w7 w9 w11"], return_tensors="pt")
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"](**batch).logits, student(**batch).logits)
 
 
 def test_peft_student_is_pushed_as_its_adapter(tmp_path, tokenizer, hub):

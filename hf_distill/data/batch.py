@@ -84,21 +84,6 @@ class DistillationBatch:
             feed["labels"] = self.student["labels"]
         return feed
 
-    def split(self) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
-        """(student inputs, teacher inputs, cached teacher logits, row ids), the old `split_batch` tuple."""
-        return self.student, self.teacher, self.cached_teacher_logits, self.row_ids
-
-
-def split_batch(
-    batch: Mapping[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
-    """Split a collated batch into (student inputs, teacher inputs, cached teacher logits, row ids).
-
-    Teacher inputs are the ``teacher_`` columns with the prefix removed; empty if there are none. The
-    trainers use `DistillationBatch`, which holds the same four parts.
-    """
-    return DistillationBatch.from_collated(batch).split()
-
 
 def has_columns(dataset: Any, names: Iterable[str]) -> bool:
     """Whether a dataset (a `datasets.Dataset` or an indexable of dicts) has any of ``names`` as a column."""

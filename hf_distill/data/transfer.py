@@ -2,11 +2,11 @@
 
 A teacher fine-tuned on the training rows fits them better than it generalises, so its soft labels there
 add little to the gold labels. Rows it has not seen are where they can say more. Whether that helps
-depends on the task; compare at equal student steps (docs/benchmarks.md). `masked_transfer_set` makes such rows without any new text: every copy of a training row
+depends on the task; compare at equal student steps (https://hf-distill.readthedocs.io/benchmarks/). `masked_transfer_set` makes such rows without any new text: every copy of a training row
 has a random fraction of its word pieces replaced by the mask token (TinyBERT's augmentation, without its
 word substitution). The copies have no gold label, so the student learns them from the teacher alone
 (``alpha=1.0``); the original rows are kept, without their labels, so the student still distils every
-training row. See docs/distillation.md ("A transfer set the teacher labels").
+training row. See https://hf-distill.readthedocs.io/distillation/ ("A transfer set the teacher labels").
 """
 
 from __future__ import annotations

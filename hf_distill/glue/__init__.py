@@ -1,60 +1,8 @@
-"""GLUE for the examples and benchmarks: the data from local files or the Hub (``data``) and the
-metrics computed offline (``metrics``). The trainers never import it."""
+"""GLUE for the examples and benchmarks: the data from local files or the Hub (``data``) and the metrics
+computed offline (``metrics``). The trainers never import it."""
 
-from .data import (
-    GLUE_LABEL_NAMES,
-    GLUE_SUBMISSION_FILES,
-    GLUE_TASK_KEYS,
-    LABEL,
-    NO_LABEL,
-    TRAINABLE_GLUE_TASKS,
-    check_glue_columns,
-    eval_split_names,
-    find_split_files,
-    glue_label_names,
-    glue_num_labels,
-    load_glue,
-    load_split_file,
-    metric_task,
-    normalize_glue_labels,
-    predictions_from_logits,
-    score_predictions,
-    test_split_names,
-    tokenize_glue,
-    write_glue_predictions,
-)
-from .metrics import (
-    GLUE_TASKS,
-    glue_compute_metrics,
-    glue_metrics,
-    is_regression_task,
-    majority_class_metrics,
-)
+from . import data, metrics
+from .data import *  # noqa: F403
+from .metrics import *  # noqa: F403
 
-__all__ = [
-    "GLUE_LABEL_NAMES",
-    "GLUE_SUBMISSION_FILES",
-    "GLUE_TASKS",
-    "GLUE_TASK_KEYS",
-    "LABEL",
-    "NO_LABEL",
-    "TRAINABLE_GLUE_TASKS",
-    "check_glue_columns",
-    "eval_split_names",
-    "find_split_files",
-    "glue_compute_metrics",
-    "glue_label_names",
-    "glue_metrics",
-    "glue_num_labels",
-    "is_regression_task",
-    "load_glue",
-    "load_split_file",
-    "majority_class_metrics",
-    "metric_task",
-    "normalize_glue_labels",
-    "predictions_from_logits",
-    "score_predictions",
-    "test_split_names",
-    "tokenize_glue",
-    "write_glue_predictions",
-]
+__all__ = [*data.__all__, *metrics.__all__]

@@ -1,7 +1,7 @@
 """GLUE data without surprises: task → sentence keys and labels, loading (Hub or local files), checks,
 tokenisation and GLUE-submission predictions.
 
-Used by ``examples/run_glue_lgtm.py`` and ``benchmarks/glue_quality.py``; usable on its own::
+Used by the GLUE example and the GLUE benchmark; usable on its own::
 
     from hf_distill.glue import load_glue, tokenize_glue
 

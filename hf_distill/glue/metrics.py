@@ -15,7 +15,6 @@ the same keys as the ``glue`` metric of ``evaluate``:
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,13 @@ if TYPE_CHECKING:
     from transformers import EvalPrediction
 
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "GLUE_TASKS",
+    "glue_compute_metrics",
+    "glue_metrics",
+    "is_regression_task",
+    "majority_class_metrics",
+]
 
 
 GLUE_TASKS: tuple[str, ...] = (

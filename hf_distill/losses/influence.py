@@ -1,4 +1,4 @@
-"""Distillation influence (docs/algorithms.md, "LGTM"): pure functions of tensors.
+"""Distillation influence (https://hf-distill.readthedocs.io/algorithms/, "LGTM"): pure functions of tensors.
 
 The influence of training sample i on the student's generalisation is ``w_i = ∇θs ℓ_i · v`` with ``v`` the
 student's quiz gradient after a lookahead step. These functions compute the lookahead, the finite-difference

@@ -1,5 +1,5 @@
 """The math of meta distillation: the differentiable pilot step and the meta-gradient, as pure functions,
-and the checks that a model can be differentiated twice (docs/algorithms.md, "Meta distillation")."""
+and the checks that a model can be differentiated twice (https://hf-distill.readthedocs.io/algorithms/, "Meta distillation")."""
 
 from __future__ import annotations
 

@@ -2,14 +2,15 @@
 
 Every function takes logits of shape ``(N, C)`` (N samples or token positions, C classes), computes in
 float32 whatever the input dtype, and reduces over N with ``reduction`` in {"mean", "sum", "none"}.
-Definitions: docs/algorithms.md, "Distillation objectives". `DISTILL_LOSS_REGISTRY` names each loss with
-the properties its callers need; `DistillationObjective` is a loss with its settings.
+Definitions: https://hf-distill.readthedocs.io/algorithms/, "Distillation objectives". `DISTILL_LOSS_REGISTRY` names each loss with
+the properties its callers need (`register_distill_loss` adds one); `DistillationObjective` is a loss with
+its settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -166,6 +167,10 @@ def dist_loss(
     return loss * p_s.shape[0] if reduction == "sum" else loss
 
 
+# The signature of a registered loss: (student_logits, teacher_logits, objective, reduction) -> loss.
+DistillLossFunction = Callable[[torch.Tensor, torch.Tensor, "DistillationObjective", str], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class DistillLoss:
     """One entry of the loss registry: the function and the properties its callers need.
@@ -179,58 +184,14 @@ class DistillLoss:
     """
 
     name: str
-    compute: Callable[[torch.Tensor, torch.Tensor, DistillationObjective, str], torch.Tensor]
+    compute: DistillLossFunction
     uses_temperature: bool = True
     compares_logits: bool = False
     batch_term_weight: str | None = None
     settings: tuple[str, ...] = ()
 
 
-DISTILL_LOSS_REGISTRY: dict[str, DistillLoss] = {
-    entry.name: entry
-    for entry in (
-        DistillLoss(
-            "kl",
-            lambda s, t, o, r: kl_divergence(s, t, o.temperature, o.scale_by_temperature_squared, r),
-        ),
-        DistillLoss(
-            "mse",
-            lambda s, t, o, r: logit_mse(s, t, r),
-            uses_temperature=False,
-            compares_logits=True,
-        ),
-        DistillLoss(
-            "dist",
-            lambda s, t, o, r: dist_loss(
-                s, t, o.temperature, o.dist_intra_weight, o.scale_by_temperature_squared, r
-            ),
-            batch_term_weight="dist_intra_weight",
-            settings=("dist_intra_weight",),
-        ),
-        DistillLoss(
-            "jsd",
-            lambda s, t, o, r: generalized_jsd(
-                s, t, o.jsd_beta, o.temperature, o.scale_by_temperature_squared, r
-            ),
-            settings=("jsd_beta",),
-        ),
-        DistillLoss(
-            "reverse_kl",
-            lambda s, t, o, r: reverse_kl_divergence(s, t, o.temperature, o.scale_by_temperature_squared, r),
-        ),
-    )
-}
-DISTILL_LOSSES = tuple(DISTILL_LOSS_REGISTRY)
-# Settings that belong to one loss only (a model card leaves out those of the other losses).
-LOSS_SPECIFIC_SETTINGS = tuple(name for entry in DISTILL_LOSS_REGISTRY.values() for name in entry.settings)
-
-
-def distill_loss_entry(name: str) -> DistillLoss:
-    """The registry entry of the loss ``name``, or a clear error naming the choices."""
-    try:
-        return DISTILL_LOSS_REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown distillation loss {name!r}; choose one of {DISTILL_LOSSES}.") from None
+DISTILL_LOSS_REGISTRY: dict[str, DistillLoss] = {}
 
 
 @dataclass(frozen=True)
@@ -270,6 +231,123 @@ class DistillationObjective:
         return self.entry.compute(student_logits, teacher_logits, self, reduction)
 
 
+_OBJECTIVE_SETTINGS = tuple(f.name for f in fields(DistillationObjective) if f.name != "loss")
+
+
+def register_distill_loss(
+    name: str,
+    *,
+    uses_temperature: bool = True,
+    compares_logits: bool = False,
+    batch_term_weight: str | None = None,
+    settings: Sequence[str] = (),
+) -> Callable[[DistillLossFunction], DistillLossFunction]:
+    """Register the decorated function as the distillation loss ``name`` (``distill_loss=name``).
+
+    The function is called as ``fn(student_logits, teacher_logits, objective, reduction)``: ``(N, C)``
+    logits, the `DistillationObjective` holding the settings (``objective.temperature``,
+    ``objective.scale_by_temperature_squared``, ...), and ``reduction`` in {"mean", "sum", "none"}
+    (token-level tasks call it with "sum"). It is returned unchanged. Register before building the
+    arguments: `DistillationTrainingArguments` accepts the names registered when it is created.
+
+    Args:
+        name: The value of ``distill_loss`` that selects the loss; a name can be registered once.
+        uses_temperature: Whether the loss softens both distributions by the temperature.
+        compares_logits: Whether the loss matches logits rather than distributions (several teachers'
+            target is then the average of their logits, not of their distributions).
+        batch_term_weight: The setting that weights a term defined over the whole batch, if any: the
+            loss has a per-sample value only when that setting is 0.
+        settings: The `DistillationObjective` settings that belong to this loss alone.
+
+    Example:
+        ```python
+        import torch.nn.functional as F
+        from hf_distill import DistillationTrainingArguments, register_distill_loss
+
+        @register_distill_loss("cosine", uses_temperature=False, compares_logits=True)
+        def cosine_logit_loss(student_logits, teacher_logits, objective, reduction):
+            per_sample = 1 - F.cosine_similarity(student_logits.float(), teacher_logits.float(), dim=-1)
+            if reduction == "none":
+                return per_sample
+            return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+        args = DistillationTrainingArguments("out", distill_loss="cosine")
+        ```
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A distillation loss needs a non-empty string name, got {name!r}.")
+    settings = tuple(settings)
+    unknown = [s for s in (*settings, batch_term_weight) if s is not None and s not in _OBJECTIVE_SETTINGS]
+    if unknown:
+        raise ValueError(
+            f"register_distill_loss({name!r}): unknown settings {unknown}; a loss reads the settings of "
+            f"DistillationObjective, one of {_OBJECTIVE_SETTINGS}."
+        )
+
+    def register(fn: DistillLossFunction) -> DistillLossFunction:
+        if not callable(fn):
+            raise TypeError(f"register_distill_loss({name!r}) decorates a function, got {fn!r}.")
+        if name in DISTILL_LOSS_REGISTRY:
+            existing = DISTILL_LOSS_REGISTRY[name].compute
+            raise ValueError(
+                f"A distillation loss named {name!r} is already registered "
+                f"({getattr(existing, '__qualname__', existing)}); register yours under another name."
+            )
+        DISTILL_LOSS_REGISTRY[name] = DistillLoss(
+            name, fn, uses_temperature, compares_logits, batch_term_weight, settings
+        )
+        return fn
+
+    return register
+
+
+@register_distill_loss("kl")
+def _kl_loss(s: torch.Tensor, t: torch.Tensor, o: DistillationObjective, r: str) -> torch.Tensor:
+    return kl_divergence(s, t, o.temperature, o.scale_by_temperature_squared, r)
+
+
+@register_distill_loss("mse", uses_temperature=False, compares_logits=True)
+def _mse_loss(s: torch.Tensor, t: torch.Tensor, o: DistillationObjective, r: str) -> torch.Tensor:
+    return logit_mse(s, t, r)
+
+
+@register_distill_loss("dist", batch_term_weight="dist_intra_weight", settings=("dist_intra_weight",))
+def _dist_loss(s: torch.Tensor, t: torch.Tensor, o: DistillationObjective, r: str) -> torch.Tensor:
+    return dist_loss(s, t, o.temperature, o.dist_intra_weight, o.scale_by_temperature_squared, r)
+
+
+@register_distill_loss("jsd", settings=("jsd_beta",))
+def _jsd_loss(s: torch.Tensor, t: torch.Tensor, o: DistillationObjective, r: str) -> torch.Tensor:
+    return generalized_jsd(s, t, o.jsd_beta, o.temperature, o.scale_by_temperature_squared, r)
+
+
+@register_distill_loss("reverse_kl")
+def _reverse_kl_loss(s: torch.Tensor, t: torch.Tensor, o: DistillationObjective, r: str) -> torch.Tensor:
+    return reverse_kl_divergence(s, t, o.temperature, o.scale_by_temperature_squared, r)
+
+
+# The losses that ship (`registered_distill_losses` adds those registered since).
+DISTILL_LOSSES = tuple(DISTILL_LOSS_REGISTRY)
+# Settings that belong to one loss only (a model card leaves out those of the other losses).
+LOSS_SPECIFIC_SETTINGS = tuple(name for entry in DISTILL_LOSS_REGISTRY.values() for name in entry.settings)
+
+
+def registered_distill_losses() -> tuple[str, ...]:
+    """The names ``distill_loss`` accepts now: the shipped losses and those registered since."""
+    return tuple(DISTILL_LOSS_REGISTRY)
+
+
+def distill_loss_entry(name: str) -> DistillLoss:
+    """The registry entry of the loss ``name``, or a clear error naming the choices."""
+    try:
+        return DISTILL_LOSS_REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown distillation loss {name!r}; choose one of {registered_distill_losses()}, or register "
+            "yours with hf_distill.register_distill_loss."
+        ) from None
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -280,7 +358,7 @@ def distillation_loss(
     dist_intra_weight: float = 1.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """The objective named ``loss_type`` (one of ``DISTILL_LOSSES``), looked up in the loss registry."""
+    """The objective named ``loss_type`` (a registered loss, see `registered_distill_losses`)."""
     objective = DistillationObjective(
         loss_type, temperature, scale_by_temperature_squared, jsd_beta, dist_intra_weight
     )
@@ -300,7 +378,7 @@ def online_teacher_loss(
 
     The student's logits are targets (detached); a regression head matches the student's prediction
     (`logit_mse`) instead. ``task_loss=None`` leaves the task term out. Returns the loss and the divergence
-    (for the logs). Used by online distillation and as LGTM's auxiliary teacher loss (docs/algorithms.md).
+    (for the logs). Used by online distillation and as LGTM's auxiliary teacher loss (https://hf-distill.readthedocs.io/algorithms/).
     """
     student_logits = student_logits.detach()
     if regression:

@@ -1,4 +1,4 @@
-"""Representation distillation (docs/algorithms.md, "Representation terms"): hidden states (PKD), attention maps, and CRD.
+"""Representation distillation (https://hf-distill.readthedocs.io/algorithms/, "Representation terms"): hidden states (PKD), attention maps, and CRD.
 
 Pure functions (layer maps, pooling, the three losses), a FIFO memory bank of past teacher embeddings,
 and `RepresentationHeads`, the module holding the learned projections and CRD critic heads. The trainers

@@ -2,7 +2,7 @@
 
 `RepresentationTerm` checks the models against the arguments before training, owns the learned heads,
 says what extra outputs each forward must return, keeps what the student's loss needs from the teacher's
-forward, and computes the weighted terms (docs/algorithms.md, "Representation terms"). The losses
+forward, and computes the weighted terms (https://hf-distill.readthedocs.io/algorithms/, "Representation terms"). The losses
 themselves are the pure functions of `representation`.
 """
 

@@ -30,8 +30,22 @@ from ..teacher.loading import (
     TOKEN_CLASSIFICATION,
     count_parameters,
 )
-from .model_card import DistillationRun, build_model_card, build_teacher_card, final_eval_metrics
-from .model_sources import LOCAL, TeacherInfo, dataset_name_and_tags, describe_source, describe_teacher
+from .model_card import (
+    DistillationRun,
+    build_model_card,
+    build_teacher_card,
+    final_collapsed_classes,
+    final_eval_metrics,
+)
+from .model_sources import (
+    LOCAL,
+    TeacherInfo,
+    dataset_name_and_tags,
+    describe_source,
+    describe_teacher,
+    describe_teacher_module,
+    name_teachers,
+)
 
 try:  # the HfApi that transformers' own Hub calls use (tagged with the library's name)
     from transformers.utils.hub import hf_api
@@ -199,7 +213,7 @@ class StudentPublishingMixin:
         base_model, base_note = self._card_base_model(finetuned_from)
         teachers = [
             dataclasses.replace(source, num_parameters=count_parameters(teacher))
-            for source, teacher in zip(self._teacher_sources, self.teacher_models, strict=True)
+            for source, teacher in zip(self._card_teacher_sources(), self.teacher_models, strict=True)
         ]
         inferred_name, inferred_tags = dataset_name_and_tags(self.train_dataset)
         if isinstance(dataset_tags, str):
@@ -211,6 +225,9 @@ class StudentPublishingMixin:
             getattr(self.state, "best_global_step", None) if self.args.load_best_model_at_end else None
         )
         student_metrics, teacher_metrics, eval_step = final_eval_metrics(
+            self.state.log_history, up_to_step=best_step or None
+        )
+        collapsed, teacher_collapsed = final_collapsed_classes(
             self.state.log_history, up_to_step=best_step or None
         )
         pipeline_tag, auto_class = _PIPELINE_TAGS.get(self._student_task, (None, "AutoModel"))
@@ -230,6 +247,8 @@ class StudentPublishingMixin:
             dataset_name=dataset or (dataset_tags[0] if dataset_tags else inferred_name),
             dataset_tags=list(dataset_tags) if dataset_tags is not None else inferred_tags,
             influence_summary=self._card_influence_summary(),
+            collapsed_to_class=collapsed,
+            teacher_collapsed_to_class=teacher_collapsed,
             repo_id=self.hub_model_id or self.args.hub_model_id or model_name,
             pipeline_tag=pipeline_tag,
             language=language,
@@ -240,6 +259,10 @@ class StudentPublishingMixin:
             else "transformers",
             auto_class=auto_class,
         )
+
+    def _card_teacher_sources(self) -> list[TeacherInfo]:
+        """Where each teacher came from, as the cards name it: ``args.teacher_name`` when given."""
+        return name_teachers(self._teacher_sources, getattr(self.args, "teacher_name", None))
 
     def _card_base_model(self, finetuned_from: str | None) -> tuple[str | None, str | None]:
         """(the student's initialisation as a Hub id, or ``None``; ``"local"`` when it was a local folder)."""
@@ -263,7 +286,8 @@ class StudentPublishingMixin:
         }
         trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
         for f in dataclasses.fields(args):
-            if f.name not in trainer_fields and f.name != "teacher_model_init_kwargs":  # may hold a token
+            # teacher_model_init_kwargs may hold a token; teacher_name is in the teacher's own entry.
+            if f.name not in trainer_fields and f.name not in ("teacher_model_init_kwargs", "teacher_name"):
                 values[f.name] = getattr(args, f.name)
         for name in set(LOSS_SPECIFIC_SETTINGS) - set(distill_loss_entry(args.distill_loss).settings):
             values.pop(name, None)
@@ -330,7 +354,9 @@ class TeacherPublishingMixin:
         card = build_teacher_card(
             method=self.method_name,
             model_name=repo_id.split("/")[-1],
-            teacher=dataclasses.replace(self._teacher_sources[0], num_parameters=count_parameters(teacher)),
+            teacher=dataclasses.replace(
+                self._card_teacher_sources()[0], num_parameters=count_parameters(teacher)
+            ),
             student=self.hub_model_id or self.args.hub_model_id or self._hub_model_name(),
             hyperparameters=self._card_hyperparameters(),
             teacher_metrics=final_eval_metrics(self.state.log_history)[1],
@@ -364,8 +390,11 @@ def upload_staged_folder(staging: str, blocking: bool, **upload_kwargs: Any) -> 
 
 
 def teacher_source(teacher: Any, init_kwargs: dict[str, Any] | None) -> TeacherInfo:
-    """How the card names a ``teacher_model`` entry (Hub id, or local folder name), before it is loaded."""
+    """How the card names a ``teacher_model`` entry (Hub id, or local folder name), before it is loaded.
+
+    A module is named after the checkpoint it was loaded from only while it holds that checkpoint's
+    weights (`describe_teacher_module`); ``args.teacher_name`` overrides either when the card is written.
+    """
     if isinstance(teacher, nn.Module):
-        name_or_path = getattr(getattr(unwrap_model(teacher), "config", None), "_name_or_path", "")
-        return dataclasses.replace(describe_teacher(name_or_path), revision=None)  # loaded revision: unknown
+        return describe_teacher_module(unwrap_model(teacher))
     return describe_teacher(teacher, (init_kwargs or {}).get("revision"))

@@ -17,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .citations import METHODS
 from .model_sources import LOCAL, TeacherInfo
 
 LIBRARY_TAG = "hf-distill"
@@ -24,58 +25,10 @@ DISTILLATION_TAG = "knowledge-distillation"
 TEACHER_TAG = "distillation-teacher"
 
 # Evaluation entries that describe the run, not the model.
-_RUN_STATS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
-
-# One entry per trainer's `method_name`: a short title, the paper, and its BibTeX.
-METHODS: dict[str, dict[str, str]] = {
-    "kd": {
-        "title": "classic knowledge distillation",
-        "paper": "Hinton et al., 2015, Distilling the Knowledge in a Neural Network",
-        "url": "https://arxiv.org/abs/1503.02531",
-        "bibtex": """@article{hinton2015distilling,
-  title   = {Distilling the Knowledge in a Neural Network},
-  author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
-  journal = {arXiv preprint arXiv:1503.02531},
-  year    = {2015}
-}""",
-    },
-    # Our online trainer updates the teacher on alpha_t * KL(p_s || p_t) + (1 - alpha_t) * CE before each
-    # student step: the ProKT baseline of the LGTM paper (not deep mutual learning's symmetric peers).
-    "online": {
-        "title": "online distillation (the teacher learns with the student, ProKT)",
-        "paper": "Shi et al., 2021, Follow Your Path: a Progressive Method for Knowledge Distillation",
-        "url": "https://arxiv.org/abs/2107.09305",
-        "bibtex": """@inproceedings{shi2021follow,
-  title     = {Follow Your Path: A Progressive Method for Knowledge Distillation},
-  author    = {Shi, Wenxian and Song, Yuxuan and Zhou, Hao and Li, Bohan and Li, Lei},
-  booktitle = {Machine Learning and Knowledge Discovery in Databases (ECML PKDD 2021)},
-  year      = {2021}
-}""",
-    },
-    "meta": {
-        "title": "meta distillation (MetaDistil)",
-        "paper": "Zhou et al., ACL 2022, BERT Learns to Teach: Knowledge Distillation with Meta Learning",
-        "url": "https://aclanthology.org/2022.acl-long.485/",
-        "bibtex": """@inproceedings{zhou2022bert,
-  title     = {{BERT} Learns to Teach: Knowledge Distillation with Meta Learning},
-  author    = {Zhou, Wangchunshu and Xu, Canwen and McAuley, Julian},
-  booktitle = {Proceedings of the 60th Annual Meeting of the Association for Computational Linguistics},
-  year      = {2022}
-}""",
-    },
-    "lgtm": {
-        "title": "LGTM (distillation influence)",
-        "paper": "Ren et al., ACL 2023, Tailoring Instructions to Student's Learning Levels Boosts "
-        "Knowledge Distillation",
-        "url": "https://aclanthology.org/2023.acl-long.111/",
-        "bibtex": """@inproceedings{ren2023tailoring,
-  title     = {Tailoring Instructions to Student's Learning Levels Boosts Knowledge Distillation},
-  author    = {Ren, Yuxin and Zhong, Zihan and Shi, Xingjian and Zhu, Yi and Yuan, Chun and Li, Mu},
-  booktitle = {Proceedings of the 61st Annual Meeting of the Association for Computational Linguistics},
-  year      = {2023}
-}""",
-    },
-}
+_RUN_STATS = {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch", "step"}
+# The evaluation entry (``eval_collapsed_to_class``, ``eval_teacher_collapsed_to_class``) that names the one
+# class a classifier predicted on every row; the card turns it into a warning, not a metric.
+COLLAPSED_METRIC = "collapsed_to_class"
 
 # Hyperparameters worth a place in the YAML metadata (all of them go in the card's table).
 KEY_HYPERPARAMETERS = (
@@ -107,6 +60,9 @@ class DistillationRun:
         dataset_name: a human-readable name of the training data.
         dataset_tags: Hub dataset ids for the metadata.
         influence_summary: `summarize_influence`'s output (LGTM runs).
+        collapsed_to_class: the one class the student predicted on every row of its final evaluation
+            (it has collapsed), or None; see `final_collapsed_classes`.
+        teacher_collapsed_to_class: the same for a learning teacher's final evaluation.
         repo_id: the repository (or folder) the usage snippet loads from.
         pipeline_tag: the Hub task of the student (``text-classification``, ...).
         language: card metadata.
@@ -129,6 +85,8 @@ class DistillationRun:
     dataset_name: str | None = None
     dataset_tags: list[str] = field(default_factory=list)
     influence_summary: dict[str, Any] | None = None
+    collapsed_to_class: int | None = None
+    teacher_collapsed_to_class: int | None = None
     repo_id: str | None = None
     pipeline_tag: str | None = None
     language: str | list[str] | None = None
@@ -169,9 +127,35 @@ def final_eval_metrics(
             else:
                 name, target = key[len(prefix) + 1 :], student
                 step = entry.get("step", step)
-            if name not in _RUN_STATS:
+            if name not in _RUN_STATS and name != COLLAPSED_METRIC:
                 target[name] = float(value)
     return student, teacher, step
+
+
+def final_collapsed_classes(
+    log_history: Iterable[Mapping[str, Any]], prefix: str = "eval", up_to_step: int | None = None
+) -> tuple[int | None, int | None]:
+    """(student, teacher): the class each predicted on every row of its latest evaluation, or None.
+
+    Read from the ``<prefix>_collapsed_to_class`` and ``<prefix>_teacher_collapsed_to_class`` entries the
+    trainers log with an evaluation whose predictions all fell in one class; an evaluation without that
+    entry (the model predicted several classes) clears an earlier one. ``up_to_step`` as in
+    `final_eval_metrics`.
+    """
+    classes: dict[str, int | None] = {"student": None, "teacher": None}
+    teacher_prefix = f"{prefix}_teacher_"
+    for entry in log_history:
+        if up_to_step is not None and entry.get("step", 0) > up_to_step:
+            continue
+        keys = [k for k in entry if k.startswith(f"{prefix}_")]
+        for model, own_prefix, own in (
+            ("teacher", teacher_prefix, [k for k in keys if k.startswith(teacher_prefix)]),
+            ("student", f"{prefix}_", [k for k in keys if not k.startswith(teacher_prefix)]),
+        ):
+            if own:  # this entry is an evaluation of that model: its latest
+                value = entry.get(f"{own_prefix}{COLLAPSED_METRIC}")
+                classes[model] = int(value) if isinstance(value, (int, float)) else None
+    return classes["student"], classes["teacher"]
 
 
 def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
@@ -182,20 +166,27 @@ def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
 def summarize_influence(log_history: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Summary of LGTM's influence metrics over training, from the logged ``influence_*`` values.
 
-    Returns None when nothing was logged. Otherwise: the number of logged steps and their range, the mean
-    fraction of negative weights and the mean weight over all logged steps, over the first third and over
-    the last third of them, and (when logged) the median ratio of the influence part of the teacher's
-    gradient norm to the auxiliary part.
+    Returns None when nothing was logged. Otherwise: the number of training logs that carry them and the
+    optimisation steps those logs cover, the mean fraction of negative weights and the mean weight over
+    all of them, over the first third and over the last third of them, and (when logged) the median ratio
+    of the influence part of the teacher's gradient norm to the auxiliary part.
+
+    Steps are numbered as `InfluenceLoggerCallback`'s file numbers them: from 0, each step by
+    ``trainer.state.global_step`` before it. A training log's ``step`` is ``global_step`` after the steps
+    it averages, so the log at step 8 with ``logging_steps=1`` covers step 7, and ``first_step`` is the
+    step after the training log before the first one (0 in a fresh run).
     """
-    rows = [e for e in log_history if "influence_frac_negative" in e]
-    if not rows:
+    history = list(log_history)
+    positions = [n for n, e in enumerate(history) if "influence_frac_negative" in e]
+    if not positions:
         return None
+    rows = [history[n] for n in positions]
     third = max(1, len(rows) // 3)
     early, late = rows[:third], rows[-third:]
     summary: dict[str, Any] = {
         "logged_steps": len(rows),
-        "first_step": rows[0].get("step"),
-        "last_step": rows[-1].get("step"),
+        "first_step": _steps_before(history[: positions[0]]),
+        "last_step": rows[-1]["step"] - 1 if isinstance(rows[-1].get("step"), int) else None,
         "frac_negative": _mean(rows, "influence_frac_negative"),
         "frac_negative_early": _mean(early, "influence_frac_negative"),
         "frac_negative_late": _mean(late, "influence_frac_negative"),
@@ -212,23 +203,36 @@ def summarize_influence(log_history: Iterable[Mapping[str, Any]]) -> dict[str, A
     return summary
 
 
+def _steps_before(history: Sequence[Mapping[str, Any]]) -> int:
+    """The number of optimisation steps done before the training logs that follow ``history``."""
+    steps = [e["step"] for e in history if "loss" in e and isinstance(e.get("step"), int)]
+    return steps[-1] if steps else 0
+
+
 def influence_paragraph(summary: Mapping[str, Any]) -> str:
     """One paragraph describing `summarize_influence`'s output in words."""
     steps = summary["logged_steps"]
-    span = (
-        f" (steps {summary['first_step']}–{summary['last_step']})"
-        if summary.get("first_step") is not None and summary.get("last_step") != summary.get("first_step")
-        else ""
-    )
+    first, last = summary.get("first_step"), summary.get("last_step")
+    if first is None or last is None:
+        where = f"Over the {steps} training log{'s' if steps != 1 else ''} of the influence weights"
+    else:
+        # Named as the influence log (InfluenceLoggerCallback) numbers them, so that the two agree.
+        span = f"step {first}" if first == last else f"steps {first}–{last}"
+        where = f"Over optimisation {span} (counted from 0, as in the influence log"
+        if last - first + 1 != steps:  # logging_steps > 1: each log averages the steps since the last one
+            where += (
+                f"; {steps} training log{'s' if steps != 1 else ''}, each averaging the steps since the last"
+            )
+        where += ")"
     text = (
-        f"Over the {steps} logged training step{'s' if steps != 1 else ''}{span}, "
+        f"{where}, "
         f"{_percent(summary['frac_negative'])} of each batch's per-sample distillation-influence weights "
         "were negative on average: samples whose distillation, in the lookahead, would have raised the "
         "student's quiz loss, which the teacher's update weighs against"
     )
     if steps >= 3:
         text += (
-            f" ({_percent(summary['frac_negative_early'])} in the first third of the logged steps, "
+            f" ({_percent(summary['frac_negative_early'])} in the first third of the training logs, "
             f"{_percent(summary['frac_negative_late'])} in the last third)"
         )
     text += "."
@@ -278,6 +282,10 @@ def card_metadata(run: DistillationRun) -> ModelCardData:
         distillation["paper"] = METHODS[run.method]["url"]
     if run.teacher_metrics:
         distillation["teacher_metrics"] = {k: _round(v) for k, v in run.teacher_metrics.items()}
+    if run.collapsed_to_class is not None:
+        distillation["collapsed_to_class"] = run.collapsed_to_class
+    if run.teacher_collapsed_to_class is not None:
+        distillation["teacher_collapsed_to_class"] = run.teacher_collapsed_to_class
     if run.influence_summary is not None:
         distillation["influence"] = {k: _round(v) for k, v in run.influence_summary.items()}
     eval_results = None
@@ -332,7 +340,8 @@ def card_body(run: DistillationRun) -> str:
     lines.append(f"| student | {_count(run.student_parameters)} |")
     for position, teacher in enumerate(run.teachers):
         label = "teacher" if len(run.teachers) == 1 else f"teacher {position}"
-        lines.append(f"| {label} (`{teacher.id}`) | {_count(teacher.num_parameters)} |")
+        based_on = f", initialised from `{teacher.based_on.id}`" if teacher.based_on is not None else ""
+        lines.append(f"| {label} (`{teacher.id}`{based_on}) | {_count(teacher.num_parameters)} |")
     ratio = compression_ratio(run.teachers, run.student_parameters)
     if ratio is not None:
         lines += ["", f"Compression ratio: **{ratio}×** fewer parameters than the teacher."]
@@ -352,6 +361,9 @@ def card_body(run: DistillationRun) -> str:
                 "",
                 "The teacher was not evaluated during training (a frozen teacher is the input model).",
             ]
+        for model, only in (("student", run.collapsed_to_class), ("teacher", run.teacher_collapsed_to_class)):
+            if only is not None:
+                lines += ["", _collapse_warning(model, only)]
     else:
         lines.append(
             "No evaluation was run before this card was written (call `trainer.evaluate()` before "
@@ -425,8 +437,9 @@ def build_teacher_card(
     """The card of a teacher trained by a learning-teacher method, pushed with `push_teacher_to_hub`."""
     methods = METHODS.get(method)
     title = methods["title"] if methods else f"`{method}` distillation"
+    based_on = teacher.based_on
     data = ModelCardData(
-        base_model=teacher.id if teacher.on_hub else None,
+        base_model=teacher.id if teacher.on_hub else based_on.id if based_on and based_on.on_hub else None,
         library_name=library_name,
         model_name=model_name,
         pipeline_tag=pipeline_tag,
@@ -446,6 +459,7 @@ def build_teacher_card(
         f"student `{student}`. It started from "
         + (f"`{teacher.id}`" if teacher.id != LOCAL else "a model built in memory")
         + (f" (revision `{teacher.revision}`)" if teacher.revision else "")
+        + (f", initialised from `{based_on.id}`" if based_on is not None else "")
         + " and was updated at every training step to teach that student: it is not an ordinary "
         "fine-tune of its task, and the student is usually the model you want.",
         "",
@@ -470,16 +484,45 @@ def _teacher_metadata(teacher: TeacherInfo) -> dict[str, Any]:
     }
     if teacher.local:
         entry["local"] = True
+    if teacher.based_on is not None:
+        entry["based_on"] = {
+            k: v for k, v in _teacher_metadata(teacher.based_on).items() if k != "parameters"
+        }
     return entry
 
 
 def _teacher_text(teacher: TeacherInfo) -> str:
+    if teacher.id == LOCAL and teacher.based_on is not None:
+        return (
+            f"a teacher passed in memory, initialised from {_checkpoint_text(teacher.based_on)} "
+            "(its weights could not be matched to that checkpoint's, e.g. because it was fine-tuned)"
+        )
     if teacher.id == LOCAL:
         return "a teacher built in memory (no checkpoint name)"
-    if teacher.local:
-        return f"the local teacher checkpoint `{teacher.id}`"
-    text = f"the teacher [{teacher.id}](https://huggingface.co/{teacher.id})"
-    return text + (f" at revision `{teacher.revision}`" if teacher.revision else "")
+    text = (
+        f"the local teacher checkpoint `{teacher.id}`"
+        if teacher.local
+        else f"the teacher {_checkpoint_text(teacher)}"
+    )
+    if teacher.based_on is not None:
+        text += f" (initialised from {_checkpoint_text(teacher.based_on)})"
+    return text
+
+
+def _checkpoint_text(source: TeacherInfo) -> str:
+    """A checkpoint's name: a link for a Hub id (with its revision), the folder's name for a local one."""
+    if source.local:
+        return f"the local checkpoint `{source.id}`"
+    text = f"[{source.id}](https://huggingface.co/{source.id})"
+    return text + (f" at revision `{source.revision}`" if source.revision else "")
+
+
+def _collapse_warning(model: str, only: int) -> str:
+    return (
+        f"**Warning: the {model} has collapsed to one class.** At this final evaluation it predicted class "
+        f"{only} on every row, so its scores above only measure how common that class is: they say nothing "
+        "about the task."
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -1,11 +1,14 @@
 """How a model card names a teacher, a student's base model and the training data, without the network.
 
 A Hub id keeps its name (and the commit the local Hub cache records); a local folder is named by the Hub id
-its ``config.json`` records, else by its folder name, never by a path on the author's machine.
+its ``config.json`` records, else by its folder name, never by a path on the author's machine. A teacher
+passed in memory is named after the checkpoint it was loaded from only when it still holds that
+checkpoint's weights; otherwise the card says it was initialised from that checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -36,13 +39,16 @@ class TeacherInfo:
 
     ``id`` is a Hub id, or with ``local=True`` the name of the local folder it was loaded from (a card on
     the Hub names it without the path on the author's machine); ``"local"`` when nothing names it (a
-    model built from a configuration).
+    model built from a configuration, or passed in memory with weights of its own). ``based_on`` is the
+    checkpoint such an in-memory teacher was initialised from (e.g. before you fine-tuned it): the card
+    says "initialised from" it, never that it is the teacher.
     """
 
     id: str = LOCAL
     revision: str | None = None
     num_parameters: int | None = None
     local: bool = False
+    based_on: TeacherInfo | None = None
 
     @property
     def on_hub(self) -> bool:
@@ -121,6 +127,135 @@ def describe_teacher(name_or_path: Any, revision: str | None = None) -> TeacherI
             return TeacherInfo(recorded)
         return TeacherInfo(Path(name).resolve().name, local=True)
     return TeacherInfo()
+
+
+def split_teacher_names(teacher_name: str) -> list[str]:
+    """The names in ``teacher_name``: one per teacher, separated by commas; an empty one is an error."""
+    names = [name.strip() for name in teacher_name.split(",")]
+    if not all(names):
+        raise ValueError(
+            f"teacher_name={teacher_name!r} has an empty name: give one name per teacher, separated by "
+            "commas (e.g. 'me/teacher-a,me/teacher-b')."
+        )
+    return names
+
+
+def name_teachers(sources: list[TeacherInfo], teacher_name: str | None) -> list[TeacherInfo]:
+    """``sources`` named by ``teacher_name`` (one name per teacher, in order), or unchanged when it is None.
+
+    A name that is a Hub id (``owner/name``) is linked; any other name is shown as it is (``local``). A
+    teacher keeps the checkpoint it was initialised from (``based_on``), and its revision when the name is
+    its own id.
+    """
+    if teacher_name is None:
+        return list(sources)
+    names = split_teacher_names(teacher_name)
+    if len(names) != len(sources):
+        raise ValueError(
+            f"teacher_name gives {len(names)} name{'s' if len(names) != 1 else ''} ({teacher_name!r}) for "
+            f"{len(sources)} teacher{'s' if len(sources) != 1 else ''}; give one name per teacher, in the "
+            "order of teacher_model, separated by commas."
+        )
+    return [
+        source
+        if name == source.id
+        else TeacherInfo(
+            name,
+            num_parameters=source.num_parameters,
+            local=not ("/" in name and is_hub_id(name)),
+            based_on=source.based_on,
+        )
+        for source, name in zip(sources, names, strict=True)
+    ]
+
+
+def describe_teacher_module(model: Any) -> TeacherInfo:
+    """How a card names a teacher passed as a module: by its checkpoint only if it holds that checkpoint's weights.
+
+    ``config._name_or_path`` says where the module was loaded from, not what it holds now: after you
+    fine-tune it, naming that checkpoint would credit the wrong model. When the checkpoint's safetensors
+    (a local folder, or the local Hub cache) hold exactly the module's weights, the teacher is that
+    checkpoint (`describe_teacher`, with the cached commit); otherwise it is ``"local"`` with ``based_on``
+    naming the checkpoint. Nothing is downloaded.
+    """
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    source = describe_teacher(name)
+    if source.id == LOCAL:
+        return TeacherInfo()
+    files = _local_weight_files(name) if not is_hub_id(name) else _cached_weight_files(source.id)
+    if files and _holds_weights(model, files):
+        return source  # a Hub id's revision is the cached commit whose weights were compared
+    return TeacherInfo(based_on=dataclasses.replace(source, revision=None))
+
+
+def _local_weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return [os.path.join(folder, shard) for shard in _shards(index)]
+    single = os.path.join(folder, "model.safetensors")
+    return [single] if os.path.isfile(single) else []
+
+
+def _cached_weight_files(repo_id: str) -> list[str]:
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> str | None:
+        try:
+            path = try_to_load_from_cache(repo_id, filename)
+        except Exception:  # an invalid id: nothing cached
+            return None
+        return path if isinstance(path, str) else None
+
+    index = cached("model.safetensors.index.json")
+    if index is None:
+        single = cached("model.safetensors")
+        return [single] if single else []
+    shards = [cached(shard) for shard in _shards(index)]
+    return shards if all(shards) else []
+
+
+def _shards(index_path: str) -> list[str]:
+    try:
+        with open(index_path, encoding="utf-8") as file:
+            return sorted(set(json.load(file)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError):
+        return []
+
+
+def _holds_weights(model: Any, files: list[str]) -> bool:
+    """Whether every parameter and buffer of ``model`` equals the tensor of the same name in ``files``.
+
+    A parameter missing from the files (a task head initialised at random, a PEFT adapter) or a different
+    value (a fine-tuned weight) means the module is not that checkpoint. Compared in the module's dtype.
+    """
+    import torch
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    seen: set[str] = set()
+    try:
+        for path in files:
+            with safe_open(path, framework="pt") as weights:
+                for key in weights.keys():
+                    if key not in state:
+                        continue
+                    mine = state[key].detach()
+                    theirs = weights.get_tensor(key).to(device=mine.device, dtype=mine.dtype)
+                    if mine.shape != theirs.shape or not torch.equal(mine, theirs):
+                        return False
+                    seen.add(key)
+    except (OSError, ValueError, RuntimeError):  # unreadable weights: unverified
+        return False
+    # A tied weight is saved once, under one of its names: the others count as compared.
+    return bool(seen) and {name for name, _ in model.named_parameters()} <= _tied_aliases(model, seen)
+
+
+def _tied_aliases(model: Any, seen: set[str]) -> set[str]:
+    """``seen``, plus the other names of parameters tied to one of them."""
+    by_tensor: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(parameter), set()).add(name)
+    return {name for names in by_tensor.values() if names & seen for name in names}
 
 
 def dataset_name_and_tags(dataset: Any) -> tuple[str | None, list[str]]:

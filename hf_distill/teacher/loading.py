@@ -116,6 +116,7 @@ def load_teacher(
         )
     kwargs["use_safetensors"] = True
     path = os.fsdecode(teacher)
+    check_local_path_exists(path, "teacher_model")
     if os.path.isdir(path) and not any(name.endswith(".safetensors") for name in os.listdir(path)):
         pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
         raise ValueError(
@@ -132,13 +133,32 @@ def load_teacher(
         raise ValueError(
             f"The teacher {path} has no trained {task.replace('_', '-')} head: loading it as "
             f"{type(model).__name__} initialised {', '.join(new_head)} at random, so it would teach noise. "
-            "Fine-tune it on your task first (transformers.Trainer, or examples/run_glue_lgtm.py "
+            "Fine-tune it on your task first (with transformers.Trainer; the GLUE example does it with "
             "--teacher_finetune_epochs N) and pass the fine-tuned folder. To start from the new head anyway "
             "(a learning teacher trains it), set allow_untrained_teacher_head=True in the training arguments."
         )
     if new_head:
         logger.warning("The teacher %s starts from an untrained head (%s).", path, ", ".join(new_head))
     return model
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` was meant as a folder rather than a Hub id: it starts with ``.``, ``/`` or ``~``, or
+    names a file in a folder that exists (``models/my-teacher`` when ``models/`` is there)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a Hub id has one slash
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
+def check_local_path_exists(name: str, argument: str) -> None:
+    """Refuse a path that does not exist before ``from_pretrained`` would send it to the Hub (a minute of
+    retries offline, then a network or repo-id error that never says the folder is missing)."""
+    if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"{argument}={name!r} looks like a local folder, but {os.path.abspath(os.path.expanduser(name))} "
+            "does not exist. Check the spelling and the working directory, or pass a Hub id (owner/name)."
+        )
 
 
 def untrained_head_parameters(model: nn.Module, loading_info: dict[str, Any]) -> list[str]:
@@ -156,6 +176,20 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def max_input_positions(model: nn.Module) -> int | None:
+    """How many token positions the model's learned absolute position embeddings allow (BERT, RoBERTa,
+    GPT-2, ...), or None where longer inputs do not fail (rotary or relative positions, or no embedding).
+
+    RoBERTa-style embeddings number positions from ``padding_idx + 1``, so they allow that many fewer.
+    """
+    for name, module in unwrap_model(model).named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and leaf in ("position_embeddings", "wpe"):
+            offset = 0 if module.padding_idx is None else module.padding_idx + 1
+            return module.num_embeddings - offset
+    return None
 
 
 def output_width(model: nn.Module) -> int | None:

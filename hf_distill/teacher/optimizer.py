@@ -24,8 +24,9 @@ def check_teacher_can_learn(teacher: nn.Module) -> None:
     if not trainable_parameters(teacher):
         raise ValueError(
             "The teacher has no trainable parameters (every requires_grad is False), so a trainer that updates "
-            "the teacher cannot train it. Unfreeze it (teacher.requires_grad_(True)), attach a LoRA adapter, "
-            "or use DistillationTrainer for a frozen teacher."
+            "the teacher cannot train it. A likely cause: a DistillationTrainer built on this teacher froze it "
+            "in place. Unfreeze it (teacher.requires_grad_(True)), give each trainer its own copy "
+            "(copy.deepcopy(teacher)), attach a LoRA adapter, or use DistillationTrainer for a frozen teacher."
         )
 
 

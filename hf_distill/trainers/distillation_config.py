@@ -1,5 +1,5 @@
 """Arguments of `DistillationTrainer`: `TrainingArguments` plus the distillation objective and the
-representation terms (docs/algorithms.md, "Distillation objectives")."""
+representation terms (https://hf-distill.readthedocs.io/algorithms/, "Distillation objectives")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ..distributed import no_pin_memory_without_accelerator
-from ..losses.objectives import DISTILL_LOSSES
+from ..losses.objectives import DISTILL_LOSSES, registered_distill_losses
 from ..losses.representation import ATTENTION_LOSSES, CRD_POOLINGS, HIDDEN_LOSSES, POOLINGS, parse_layer_map
 from ..safety.nonfinite import NONFINITE_POLICIES
 from ..safety.redaction import RedactedSecretsMixin
@@ -19,7 +19,7 @@ from ..safety.validation import check_finite, check_integer
 
 @dataclass
 class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
-    """`TrainingArguments` plus the distillation objective (docs/algorithms.md, "Distillation objectives").
+    """`TrainingArguments` plus the distillation objective (https://hf-distill.readthedocs.io/algorithms/, "Distillation objectives").
 
     Args:
         temperature (`float`, defaults to `2.0`):
@@ -28,7 +28,8 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
             Weight of the distillation term; the task loss gets 1 - alpha. 1.0 is pure distillation (no
             labels needed), 0.0 is plain fine-tuning.
         distill_loss (`str`, defaults to `'kl'`):
-            Distillation objective, one of kl, mse, dist, jsd, reverse_kl.
+            Distillation objective: kl, mse, dist, jsd, reverse_kl, or a loss registered with
+            `register_distill_loss` before the arguments are built.
         jsd_beta (`float`, defaults to `0.5`):
             β of the generalized JSD (distill_loss='jsd'): 0 is forward KL, 1 is reverse KL.
         dist_intra_weight (`float`, defaults to `1.0`):
@@ -40,6 +41,11 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         teacher_model_init_kwargs (`dict[str, Any] | str | None`, defaults to `None`):
             Keyword arguments (a dict or a JSON string) for from_pretrained when the teacher is given as a
             path or Hub id, e.g. '{"dtype": "bfloat16", "revision": "main"}'.
+        teacher_name (`str | None`, defaults to `None`):
+            The name the model card gives the teacher, e.g. your Hub id of the fine-tuned teacher (several
+            teachers: one name each, separated by commas, in order). Default: the teacher's path or Hub id
+            when given as a string; a module is named after its checkpoint only while it holds that
+            checkpoint's weights, else described as initialised from it.
         allow_untrained_teacher_head (`bool`, defaults to `False`):
             Accept a teacher path or Hub id whose task head is missing from the checkpoint (initialised at
             random); by default that is an error, since such a teacher is not fine-tuned on the task.
@@ -51,7 +57,7 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
             With nonfinite='skip', stop with an error after this many skipped steps in a row.
         hidden_distill_weight (`float`, defaults to `0.0`):
             Weight of the hidden-state (PKD) term added to the student's loss (0 turns it off); see
-            docs/representation.md.
+            https://hf-distill.readthedocs.io/representation/.
         hidden_layer_map (`str`, defaults to `'uniform'`):
             Student layer → teacher layer for the hidden-state and attention terms: a preset (uniform, skip,
             last) or a dict / JSON object such as '{"1": 4, "2": 8}' (0 is the embeddings).
@@ -95,8 +101,9 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
     distill_loss: str = field(
         default="kl",
         metadata={
-            "help": f"Distillation objective, one of {', '.join(DISTILL_LOSSES)}.",
-            "choices": DISTILL_LOSSES,
+            # No "choices": a loss registered after this class is defined is accepted, checked in __post_init__.
+            "help": f"Distillation objective: {', '.join(DISTILL_LOSSES)}, or a loss registered with "
+            "hf_distill.register_distill_loss before the arguments are built.",
         },
     )
     jsd_beta: float = field(
@@ -120,6 +127,15 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         metadata={
             "help": "Keyword arguments (a dict or a JSON string) for from_pretrained when the teacher is given "
             'as a path or Hub id, e.g. \'{"dtype": "bfloat16", "revision": "main"}\'.'
+        },
+    )
+    teacher_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The name the model card gives the teacher, e.g. your Hub id of the fine-tuned teacher "
+            "(several teachers: one name each, separated by commas, in order). Default: the teacher's path or "
+            "Hub id when given as a string; a module is named after its checkpoint only while it holds that "
+            "checkpoint's weights, else described as initialised from it."
         },
     )
     allow_untrained_teacher_head: bool = field(
@@ -149,7 +165,7 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         default=0.0,
         metadata={
             "help": "Weight of the hidden-state (PKD) term added to the student's loss (0 turns it off); see "
-            "docs/representation.md."
+            "https://hf-distill.readthedocs.io/representation/."
         },
     )
     hidden_layer_map: str = field(
@@ -222,9 +238,10 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         check_finite(
             "alpha", self.alpha, 0, 1, hint="It weights the distillation term and 1 - alpha the task loss."
         )
-        if self.distill_loss not in DISTILL_LOSSES:
+        if self.distill_loss not in registered_distill_losses():
             raise ValueError(
-                f"distill_loss={self.distill_loss!r} is unknown; choose one of {DISTILL_LOSSES}."
+                f"distill_loss={self.distill_loss!r} is unknown; choose one of {registered_distill_losses()}, "
+                "or register it with hf_distill.register_distill_loss before building the arguments."
             )
         check_finite("jsd_beta", self.jsd_beta, 0, 1, hint="0 is forward KL, 1 reverse KL.")
         check_finite("dist_intra_weight", self.dist_intra_weight, 0)
@@ -247,6 +264,13 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
             except json.JSONDecodeError as err:
                 raise ValueError(f"teacher_model_init_kwargs is not valid JSON: {err}") from err
+        if self.teacher_name is not None and (
+            not isinstance(self.teacher_name, str) or not all(n.strip() for n in self.teacher_name.split(","))
+        ):
+            raise ValueError(
+                f"teacher_name={self.teacher_name!r} is not a list of names: give one name per teacher, "
+                "separated by commas (e.g. 'me/teacher-a,me/teacher-b'), with no empty one."
+            )
         super().__post_init__()
         no_pin_memory_without_accelerator(self)
 

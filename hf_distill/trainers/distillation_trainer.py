@@ -1,4 +1,4 @@
-"""`DistillationTrainer`: classic teacher→student distillation (docs/algorithms.md, "Classic distillation").
+"""`DistillationTrainer`: classic teacher→student distillation (https://hf-distill.readthedocs.io/algorithms/, "Classic distillation").
 
 The student's step: one student forward, the teacher's soft labels (its forward, or cached logits), and
 ``alpha · distillation + (1 − alpha) · task loss`` plus the representation terms. Trainers whose teacher
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..data.batch import ROW_ID, TEACHER_LOGITS, TEACHER_PREFIX, DistillationBatch, dataset_columns
 from ..data.collators import DistillationDataCollator, default_student_collator
-from ..data.label_checks import check_label_range, check_not_empty, find_label_column
+from ..data.dataset_checks import check_input_lengths_for, check_labels_for, evaluation_sets, is_regression
+from ..data.label_checks import check_not_empty
 from ..distributed import all_reduce_mean, unwrap_model
 from ..losses.objectives import DistillationObjective, aligned_logits, ensemble_teacher_logits, logit_mse
 from ..losses.representation import RepresentationHeads
@@ -28,10 +29,10 @@ from ..losses.representation_term import RepresentationTerm, TeacherFeatures, lo
 from ..publishing.hub import StudentPublishingMixin, teacher_source
 from ..safety.collapse import warn_if_collapsed
 from ..safety.nonfinite import NonFiniteCallback, NonFiniteMonitor, check_finite_weights
+from ..safety.run_lock import output_dir_lock
 from ..teacher.loading import (
     CAUSAL_LM,
     SEQUENCE_CLASSIFICATION,
-    TOKEN_CLASSIFICATION,
     TOKEN_LEVEL_TASKS,
     check_teacher_student_compatible,
     forward_arg_names,
@@ -74,6 +75,9 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
     every other `Trainer` argument keeps its meaning. ``teacher_model`` is a module, a local path, a Hub id,
     or a list of them (an ensemble). ``teacher_processing_class`` is the teacher's own tokenizer, used to pad
     ``teacher_`` input columns when the teacher reads the text differently from the student.
+
+    The teacher you pass is frozen in place (``requires_grad=False``, eval mode): pass a copy
+    (``copy.deepcopy(teacher)``) to train the same object later, e.g. in a trainer whose teacher learns.
     """
 
     method_name = "kd"
@@ -223,9 +227,8 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
 
     def _check_labels(self, dataset: Any) -> None:
         check_not_empty(dataset, "training set (train_dataset)", "Pass a dataset with rows.")
-        self._check_label_range(dataset, "training")
-        if isinstance(self.eval_dataset, Sized):
-            self._check_label_range(self.eval_dataset, "evaluation")
+        for data, description in [(dataset, "training"), *evaluation_sets(self.eval_dataset)]:
+            self.check_dataset(data, description)
         columns = dataset_columns(dataset)
         if not columns or self.args.alpha == 1.0 or self._student_task not in (SEQUENCE_CLASSIFICATION, None):
             return  # language-model labels are often made by the collator: checked per batch instead
@@ -236,14 +239,12 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
                 "from the teacher alone."
             )
 
-    def _check_label_range(self, dataset: Any, description: str) -> None:
-        """Class labels outside [0, num_labels) fail at construction, with the value and row named."""
-        if self._student_task not in (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION) or self._is_regression():
-            return
-        num_labels = getattr(getattr(unwrap_model(self.model), "config", None), "num_labels", None)
-        column = find_label_column(dataset_columns(dataset), self.label_names)
-        if num_labels and column is not None:
-            check_label_range(dataset, column, num_labels, description)
+    def check_dataset(self, dataset: Any, description: str) -> None:
+        """Refuse, before training, data the models cannot read: labels of the wrong kind or out of range for
+        the student's head, rows longer than a model's position limit. Every dataset the trainer reads
+        (training, evaluation, quiz) goes through it."""
+        check_labels_for(self.model, dataset, description, self.label_names)
+        check_input_lengths_for(self.model, self.teacher_models, dataset, description)
 
     # ----- representation distillation (hidden states, attention maps, CRD) -----------------------------------
 
@@ -309,12 +310,14 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         return os.fspath(resume_from_checkpoint)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, also restoring the representation heads (``distill_heads.safetensors``) on resume."""
-        if self.representation is not None and self.representation.has_state:
-            folder = self.resume_checkpoint_folder(resume_from_checkpoint)
-            if folder is not None:
-                load_heads(folder, self.representation.heads)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        """`Trainer.train`, holding ``output_dir``'s run lock (a second live run there is refused) and
+        restoring the representation heads (``distill_heads.safetensors``) on resume."""
+        with output_dir_lock(self.args.output_dir, enabled=self.is_world_process_zero()):
+            if self.representation is not None and self.representation.has_state:
+                folder = self.resume_checkpoint_folder(resume_from_checkpoint)
+                if folder is not None:
+                    load_heads(folder, self.representation.heads)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ----- the loss -----------------------------------------------------------------------------------------
 
@@ -342,18 +345,15 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         task_items = num_items_in_batch if self._token_level else None
         if not model.training:
             return super().compute_loss(
-                model,
-                self._evaluation_inputs(model, batch),
-                return_outputs=return_outputs,
-                num_items_in_batch=task_items,
+                model, batch.student, return_outputs=return_outputs, num_items_in_batch=task_items
             )
         student = self._student_forward(model, batch.student, task_items)
         targets = self.teacher_targets(model, batch, student)
         distill, distill_for_log = self.distillation_term(
             student.logits, targets.logits, batch.student, task_items
         )
-        alpha, task_loss = self.args.alpha, student.task_loss
-        loss = distill if task_loss is None else alpha * distill + (1.0 - alpha) * task_loss
+        task_loss = student.task_loss
+        loss = self.student_loss(distill, task_loss)
         self.nonfinite.watch("teacher's logits", targets.logits, "teacher")
         self.nonfinite.watch("distillation term", distill, "student")
         self._record("distill_loss", distill_for_log)
@@ -371,10 +371,12 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         self.nonfinite.watch("student's loss", loss, "student")
         return (loss, student.outputs) if return_outputs else loss
 
-    def _evaluation_inputs(self, model: nn.Module, batch: DistillationBatch) -> dict[str, Any]:
-        """What ``model`` reads in evaluation: the student's inputs (trainers whose teacher is evaluated too
-        extend this)."""
-        return batch.student
+    def student_loss(self, distill: torch.Tensor, task_loss: torch.Tensor | None) -> torch.Tensor:
+        """The student's training loss ``alpha · distill + (1 − alpha) · task_loss``; the distillation term
+        alone when there is no task loss (a batch without labels, with alpha 1)."""
+        if task_loss is None:
+            return distill
+        return self.args.alpha * distill + (1.0 - self.args.alpha) * task_loss
 
     def _student_forward(
         self, model: nn.Module, student_inputs: dict[str, Any], task_items: torch.Tensor | int | None
@@ -404,7 +406,7 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         Called between the student's forward and its loss; trainers whose teacher learns step it here first.
         """
         if batch.cached_teacher_logits is None:
-            return self.teacher_forward(batch)
+            return self.computed_teacher_targets(batch)
         if self.representation is not None:
             raise ValueError(
                 f"The batch carries cached '{TEACHER_LOGITS}', which hold no hidden states; representation "
@@ -413,19 +415,24 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         return TeacherTargets(self._combine_teachers(self._split_cached(batch.cached_teacher_logits)))
 
     @torch.no_grad()
-    def teacher_forward(self, batch: DistillationBatch) -> TeacherTargets:
-        """The frozen teachers' (combined) logits for a batch, and the representation features of the first."""
-        if not batch.teacher and self._teachers_need_own_inputs():
-            raise ValueError(
-                "The batch has no teacher_ input columns but the teacher's vocabulary differs from the "
-                "student's; add them with hf_distill.add_teacher_inputs."
-            )
+    def computed_teacher_targets(self, batch: DistillationBatch) -> TeacherTargets:
+        """The teachers' (combined) logits for a batch from their forward in eval mode without a graph, and
+        the representation features of the first."""
+        self._check_batch_has_teacher_inputs(batch)
         outputs = [self._run_teacher(i, batch) for i in range(len(self.teacher_models))]
         return TeacherTargets(self._combine_teachers([logits for logits, _ in outputs]), outputs[0][1])
 
     def teacher_logits(self, student_inputs: dict[str, Any], teacher_inputs: dict[str, Any]) -> torch.Tensor:
         """The teachers' (combined) logits for a batch; ``teacher_inputs`` win over the student's inputs."""
-        return self.teacher_forward(DistillationBatch(student_inputs, teacher_inputs)).logits
+        return self.computed_teacher_targets(DistillationBatch(student_inputs, teacher_inputs)).logits
+
+    def _check_batch_has_teacher_inputs(self, batch: DistillationBatch) -> None:
+        """Refuse a batch the teacher would misread: no teacher_ columns, and a vocabulary of its own."""
+        if not batch.teacher and self._teachers_need_own_inputs():
+            raise ValueError(
+                "The batch has no teacher_ input columns but the teacher's vocabulary differs from the "
+                "student's; add them with hf_distill.add_teacher_inputs."
+            )
 
     def _run_teacher(
         self, position: int, batch: DistillationBatch
@@ -453,10 +460,7 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         return list(cached.unbind(1))
 
     def _is_regression(self) -> bool:
-        config = getattr(unwrap_model(self.model), "config", None)
-        return self._student_task == SEQUENCE_CLASSIFICATION and (
-            getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 0) == 1
-        )
+        return is_regression(self.model)
 
     @property
     def objective(self) -> DistillationObjective:
@@ -523,14 +527,12 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
     # ----- evaluation and logging ---------------------------------------------------------------------------
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.evaluation_loop`, plus a warning when the model predicted one class on every row."""
+        """`Trainer.evaluation_loop`, plus a warning (and a ``collapsed_to_class`` metric) when the student
+        predicted one class on every row."""
         output = super().evaluation_loop(*args, **kwargs)
-        teacher = any(self.model is t for t in self.teacher_models)  # a learning teacher's own evaluation
-        warn_if_collapsed(
-            output.predictions,
-            output.label_ids,
-            f"The {'teacher' if teacher else 'student'} ({self.method_name})",
-        )
+        only = warn_if_collapsed(output.predictions, output.label_ids, f"The student ({self.method_name})")
+        if only is not None:  # logged, so the model card flags it as the log does
+            output.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_collapsed_to_class"] = only
         return output
 
     def _record(self, name: str, value: torch.Tensor) -> None:

@@ -3,23 +3,32 @@
 It owns what a learning teacher needs whatever its objective: the teacher's optimizer and schedule, their
 checkpoints and resume, the teacher's gradient sync across processes, its evaluation and its publishing.
 Each method implements one hook, `teacher_step`, which the base calls once per optimisation step
-(docs/algorithms.md, "A teacher that learns").
+(https://hf-distill.readthedocs.io/algorithms/, "A teacher that learns").
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from transformers import get_scheduler
+from transformers import EvalPrediction, get_scheduler
+from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size
+from transformers.trainer_utils import denumpify_detensorize
 
 from ..data.batch import TEACHER_LOGITS, DistillationBatch, dataset_columns
-from ..distributed import all_reduce_mean, average_gradients_across_processes, broadcast_parameters
+from ..distributed import (
+    all_reduce_mean,
+    average_gradients_across_processes,
+    broadcast_parameters,
+    unwrap_model,
+)
+from ..losses.objectives import online_teacher_loss
 from ..publishing.hub import TeacherPublishingMixin
+from ..safety.collapse import warn_if_collapsed
 from ..teacher.checkpoint import load_teacher_optimizer_state, load_teacher_weights, save_teacher_state
 from ..teacher.optimizer import (
     check_learning_teacher_supported,
@@ -31,15 +40,13 @@ from ..teacher.optimizer import (
 from .distillation_trainer import DistillationTrainer, StudentForward, TeacherTargets
 from .learning_teacher_config import LearningTeacherTrainingArguments
 
-# Metric suffixes of Trainer's evaluation loop that time the student's preparation, not the evaluated model.
-_PREPARATION_TIMINGS = ("_model_preparation_time", "_jit_compilation_time")
-
 
 class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
     """A `DistillationTrainer` whose one teacher learns too; subclasses implement `teacher_step`.
 
     ``trainer.teacher_model`` is the live teacher; `save_teacher` writes it with its tokenizer. Checkpoints
     hold the teacher, its optimizer and scheduler, and ``train(resume_from_checkpoint=...)`` restores them.
+    The teacher you pass is trained in place: pass a copy (``copy.deepcopy(teacher)``) to keep the original.
     """
 
     #: Whether `teacher_step` runs before the student's forward of the step (with ``student=None``) rather
@@ -182,6 +189,30 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
         self.teacher_lr_scheduler.step()
         self.teacher_optimizer.zero_grad(set_to_none=True)
 
+    def online_teacher_objective(
+        self,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor,
+        task_loss: torch.Tensor | None,
+        regression: bool = False,
+    ) -> torch.Tensor:
+        """``α_t · KL(p_s ‖ p_t) + (1 − α_t) · task_loss`` (`online_teacher_loss` with this run's settings), its
+        parts recorded as ``teacher_kl`` and ``teacher_task_loss``; ``task_loss=None`` leaves the task out."""
+        args = self.args
+        loss, divergence = online_teacher_loss(
+            teacher_logits,
+            student_logits,
+            args.teacher_alpha,
+            args.temperature,
+            args.scale_by_temperature_squared,
+            task_loss=task_loss,
+            regression=regression,
+        )
+        self._record("teacher_kl", divergence.detach())
+        if task_loss is not None:
+            self._record("teacher_task_loss", task_loss.detach())
+        return loss
+
     # ----- checkpoints and resume -------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -231,33 +262,64 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
     ) -> dict[str, float]:
         """Loss and ``compute_metrics`` of the live teacher on the evaluation set.
 
-        `Trainer.evaluation_loop` with the teacher in the student's place, reading its own inputs (the
-        ``teacher_`` columns when the data has them).
+        The teacher reads its own inputs (the ``teacher_`` columns when the data has them) and the student's
+        labels; its mode is restored afterwards.
         """
-        dataloader = self.get_eval_dataloader(eval_dataset)
         teacher = self.teacher_models[0]
         was_training = teacher.training
-        with self._teacher_in_place_of_student():
-            output = self.evaluation_loop(
-                dataloader,
-                description="Teacher evaluation",
-                prediction_loss_only=True if self.compute_metrics is None else None,
-                metric_key_prefix=metric_key_prefix,
-            )
-        teacher.train(was_training)
-        # Timings of the student's model preparation say nothing about the teacher.
-        return {k: v for k, v in output.metrics.items() if not k.endswith(_PREPARATION_TIMINGS)}
-
-    @contextlib.contextmanager
-    def _teacher_in_place_of_student(self) -> Iterator[None]:
-        student, wrapped = self.model, self.model_wrapped
-        self.model = self.model_wrapped = self.teacher_models[0]
+        teacher.eval()
         try:
-            yield
+            losses, predictions, label_ids = self._teacher_predictions(self.get_eval_dataloader(eval_dataset))
         finally:
-            self.model, self.model_wrapped = student, wrapped
+            teacher.train(was_training)
+        metrics = {}
+        if self.compute_metrics is not None and predictions is not None and label_ids is not None:
+            # batch_eval_metrics: the whole set is one batch, and the last.
+            extra = {"compute_result": True} if self.args.batch_eval_metrics else {}
+            with_losses = losses if "loss" in self.args.include_for_metrics else None
+            evaluated = EvalPrediction(predictions=predictions, label_ids=label_ids, losses=with_losses)
+            metrics = self.compute_metrics(evaluated, **extra)
+        only = warn_if_collapsed(predictions, label_ids, f"The teacher ({self.method_name})")
+        metrics = denumpify_detensorize(metrics)
+        if only is not None:
+            metrics["collapsed_to_class"] = only
+        if isinstance(losses, np.ndarray):  # Trainer's evaluation loss: the mean of the finite ones if asked
+            finite = np.isfinite(losses)
+            if self.args.logging_nan_inf_filter and finite.any():
+                losses = losses[finite]
+            metrics["loss"] = losses.mean().item()
+        return {
+            key if key.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{key}": value
+            for key, value in metrics.items()
+        }
 
-    def _evaluation_inputs(self, model: nn.Module, batch: DistillationBatch) -> dict[str, Any]:
-        if model is self.teacher_models[0]:  # the teacher's own evaluation: its inputs, the student's labels
-            return batch.teacher_inputs(self._teacher_arg_names[0], with_labels=True)
-        return super()._evaluation_inputs(model, batch)
+    def _teacher_predictions(self, dataloader: Any) -> tuple[Any, Any, Any]:
+        """The teacher's per-sample losses, logits and labels over ``dataloader``, gathered from all
+        processes: `Trainer.prediction_step` with the teacher as the model."""
+        teacher = self.teacher_models[0]
+        loss_only = self.compute_metrics is None or self.args.prediction_loss_only
+        config = getattr(unwrap_model(teacher), "config", None)
+        ignore_keys = getattr(config, "keys_to_ignore_at_inference", ["cache"]) if config is not None else []
+        containers = [
+            EvalLoopContainer(self.args.eval_do_concat_batches, padding_index=-100) for _ in range(3)
+        ]
+        for inputs in dataloader:
+            feed = DistillationBatch.from_collated(inputs).teacher_inputs(
+                self._teacher_arg_names[0], with_labels=True
+            )
+            loss, logits, labels = self.prediction_step(teacher, feed, loss_only, ignore_keys=ignore_keys)
+            if loss is not None:
+                containers[0].add(self.gather_function(loss.repeat(find_batch_size(feed))))
+            if labels is not None:
+                labels = self.accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
+            if logits is not None:
+                logits = self.accelerator.pad_across_processes(logits, dim=1, pad_index=-100)
+                if self.preprocess_logits_for_metrics is not None:
+                    logits = self.preprocess_logits_for_metrics(logits, labels)
+                containers[1].add(self.gather_function(logits))
+            if labels is not None:
+                containers[2].add(self.gather_function(labels))
+        losses, predictions, label_ids = (container.get_arrays() for container in containers)
+        if isinstance(losses, list) and losses:
+            losses = np.concatenate(losses)
+        return losses, predictions, label_ids

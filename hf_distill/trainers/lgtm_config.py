@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..losses.objectives import DISTILL_LOSSES, DistillationObjective
+from ..losses.objectives import DISTILL_LOSS_REGISTRY, DistillationObjective
 from ..safety.validation import check_finite
 from .online_config import OnlineDistillTrainingArguments
 from .quiz_config import QuizDistillTrainingArguments
@@ -139,12 +139,14 @@ class LGTMTrainingArguments(QuizDistillTrainingArguments, OnlineDistillTrainingA
             )
         if (
             self.influence_loss == "student_kl"
-            and self.distill_loss in DISTILL_LOSSES
+            and self.distill_loss in DISTILL_LOSS_REGISTRY
             and not DistillationObjective.from_args(self).is_per_sample
         ):
+            weight = DISTILL_LOSS_REGISTRY[self.distill_loss].batch_term_weight
             raise ValueError(
-                "influence_loss='student_kl' needs a per-sample distillation loss, and distill_loss='dist' has a "
-                "batch-level term; set dist_intra_weight=0 or use influence_loss='teacher_kl'."
+                f"influence_loss='student_kl' needs a per-sample distillation loss, and "
+                f"distill_loss={self.distill_loss!r} has a batch-level term; set {weight}=0 or use "
+                "influence_loss='teacher_kl'."
             )
         super().__post_init__()
         if self.lgtm_student_targets == "pre_update" and self.uses_representations:

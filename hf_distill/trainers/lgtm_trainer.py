@@ -1,5 +1,5 @@
 """`LGTMTrainer` (Ren et al., ACL 2023): the teacher's update is weighted by each sample's distillation
-influence (docs/algorithms.md, "LGTM").
+influence (https://hf-distill.readthedocs.io/algorithms/, "LGTM").
 
 One optimisation step:
 1. lookahead θs' = one step of the student's optimizer on its loss at the current teacher (a functional
@@ -25,6 +25,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
+from ..callbacks import InfluenceLoggerCallback
 from ..data.batch import DistillationBatch, dataset_columns
 from ..data.label_checks import find_label_column
 from ..distributed import all_reduce_mean, zeros_for_missing
@@ -40,7 +41,7 @@ from ..losses.influence import (
     ratio_influence_scale,
     sgd_lookahead,
 )
-from ..losses.objectives import kl_divergence, labelled_cross_entropy, online_teacher_loss
+from ..losses.objectives import kl_divergence, labelled_cross_entropy
 from ..publishing.model_card import summarize_influence
 from ..teacher.loading import SEQUENCE_CLASSIFICATION
 from ..teacher.optimizer import trainable_parameters
@@ -55,12 +56,17 @@ class LGTMTrainer(QuizDistillTrainer):
     ``LGTMTrainer(model=student, teacher_model=teacher, args=LGTMTrainingArguments(...), train_dataset=...,
     eval_dataset=..., quiz_dataset=None)``. After every step ``trainer.latest_influence`` holds the batch's
     per-sample weights with their dataset row ids (``idx``), and the training logs hold their summary.
+    Callbacks that read it (`InfluenceLoggerCallback`) take ``trainer=``; those given in ``callbacks=[...]``
+    without one are bound by `bind_callbacks`. The teacher you pass is trained in place: pass a copy
+    (``copy.deepcopy(teacher)``) to keep the original.
     """
 
     method_name = "lgtm"
 
+    #: The influence record of the last optimisation step (see `influence_record`); None before the first.
+    latest_influence: dict[str, Any] | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.latest_influence: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
         if self._student_task != SEQUENCE_CLASSIFICATION or self._is_regression():
             raise ValueError(
@@ -75,18 +81,22 @@ class LGTMTrainer(QuizDistillTrainer):
                 "is carved from these rows. Add a 'label' column (or use OnlineDistillTrainer with alpha=1.0 and "
                 "teacher_alpha=1.0 to distil without labels)."
             )
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                "LGTMTrainer's lookahead is one student step on one batch: use gradient_accumulation_steps=1 "
-                "(raise per_device_train_batch_size instead)."
-            )
+        self._refuse_gradient_accumulation(
+            "lookahead is one student step on one batch", "raise per_device_train_batch_size instead"
+        )
         if self.args.lgtm_student_targets == "pre_update" and self.args.fp16:
             raise ValueError(
                 "lgtm_student_targets='pre_update' reads the student's gradient after the backward, which fp16 "
                 "loss scaling leaves scaled; use bf16=True, full precision, or lgtm_student_targets='updated'."
             )
+        self.bind_callbacks()
+
+    def bind_callbacks(self) -> None:
+        """Give this trainer to the `InfluenceLoggerCallback` s in ``callbacks=[...]`` that were built without
+        ``trainer=``. Called at the end of ``__init__``; a callback added later with `add_callback` takes
+        ``trainer=`` instead. A callback built with ``trainer=`` is left as it is."""
         for callback in self.callback_handler.callbacks:
-            if hasattr(callback, "bind_trainer"):
+            if isinstance(callback, InfluenceLoggerCallback) and callback.trainer is None:
                 callback.bind_trainer(self)
 
     @classmethod
@@ -122,11 +132,11 @@ class LGTMTrainer(QuizDistillTrainer):
         self, model: nn.Module, batch: DistillationBatch, student: StudentForward | None
     ) -> TeacherTargets | None:
         if student is None:  # faithful: the lookahead runs its own student forward
-            self.lgtm_teacher_update(model, batch)
+            self._store_influence(self.lgtm_teacher_update(model, batch))
             return None
         # pre_update: the student learns from this teacher forward's (detached) soft labels; the teacher steps
         # after the student's backward, from the gradient that backward leaves.
-        teacher_logits = self._teacher_forward(batch)
+        teacher_logits = self._teacher_logits_with_graph(batch)
         student_logits = student.logits.detach()
         batch.after_backward.append(
             lambda: self._teacher_step_after_backward(model, batch, student_logits, teacher_logits)
@@ -143,8 +153,8 @@ class LGTMTrainer(QuizDistillTrainer):
         params = list(trainable_parameters(self.accelerator.unwrap_model(model)).values())
         # Already averaged across ranks by the backward (DDP's reducer), as the optimizer will see them.
         grads = zeros_for_missing([p.grad for p in params], params)
-        self.lgtm_teacher_update(model, batch, student_logits, teacher_logits, grads)
-        self.latest_influence["teacher_gold_prob"] = _gold_prob(teacher_logits, batch.labels)
+        record = self.lgtm_teacher_update(model, batch, student_logits, teacher_logits, grads)
+        self._store_influence(record, teacher_logits, batch.labels)
 
     def teacher_targets(
         self, model: nn.Module, batch: DistillationBatch, student: StudentForward
@@ -157,10 +167,22 @@ class LGTMTrainer(QuizDistillTrainer):
             and record["teacher_gold_prob"] is None
             and batch.labels is not None
         ):  # the record's teacher column: the soft labels the student's real step learns from
-            record["teacher_gold_prob"] = _gold_prob(targets.logits, batch.labels)
+            self._store_influence(record, targets.logits, batch.labels)
         return targets
 
-    def _teacher_forward(self, batch: DistillationBatch) -> torch.Tensor:
+    def _store_influence(
+        self,
+        record: dict[str, Any] | None,
+        soft_labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> None:
+        """Keep a step's influence record as ``latest_influence`` (the one place it is set), its teacher
+        column from ``soft_labels``, the logits the student's real step learns from, once they are known."""
+        if record is not None and soft_labels is not None:
+            record = {**record, "teacher_gold_prob": _gold_prob(soft_labels, labels)}
+        self.latest_influence = record
+
+    def _teacher_logits_with_graph(self, batch: DistillationBatch) -> torch.Tensor:
         """The one teacher forward of the step, in training mode and with its graph: L_aux and both
         influence terms differentiate through it."""
         teacher = self.teacher_models[0]
@@ -177,8 +199,8 @@ class LGTMTrainer(QuizDistillTrainer):
         student_logits: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
         student_grads: list[torch.Tensor] | None = None,
-    ) -> None:
-        """Steps 1–3 of the LGTM step and the teacher's optimizer step.
+    ) -> dict[str, Any]:
+        """Steps 1–3 of the LGTM step and the teacher's optimizer step; returns the step's `influence_record`.
 
         Faithful (the default call): the lookahead runs its own student forward, whose graph its gradient
         frees. pre_update passes the step's detached ``student_logits`` with ``student_grads``, the gradient of
@@ -189,7 +211,7 @@ class LGTMTrainer(QuizDistillTrainer):
         student = self.accelerator.unwrap_model(model)
         names, params = zip(*trainable_parameters(student).items(), strict=True)
         if teacher_logits is None:
-            teacher_logits = self._teacher_forward(batch)
+            teacher_logits = self._teacher_logits_with_graph(batch)
 
         # 1. Lookahead: the student's gradient at the current teacher.
         with record_function("lgtm.lookahead"):
@@ -243,7 +265,8 @@ class LGTMTrainer(QuizDistillTrainer):
             else:
                 scale = self._teacher_backward(teacher_logits, student_logits, batch.labels, weights.mean())
             self.teacher_optimizer_step()
-        self._record_influence(weights, quiz_loss, scale, batch, student_logits)
+        self._log_influence(weights, quiz_loss, scale)
+        return self.influence_record(weights, batch, student_logits)
 
     def _influence_scale(self) -> float:
         """λ: ``influence_scale``, or the teacher's current learning rate (the reference's choice)."""
@@ -345,14 +368,7 @@ class LGTMTrainer(QuizDistillTrainer):
         self._record("sample_weight_max", sample_weights.max())
         self._record("sample_weight_frac_zero", (sample_weights == 0).float().mean())
 
-    def _record_influence(
-        self,
-        weights: torch.Tensor,
-        quiz_loss: torch.Tensor,
-        scale: float | None,
-        batch: DistillationBatch,
-        student_logits: torch.Tensor,
-    ) -> None:
+    def _log_influence(self, weights: torch.Tensor, quiz_loss: torch.Tensor, scale: float | None) -> None:
         w = weights.detach().float()
         self._record("influence_mean", w.mean())
         self._record("influence_std", w.std() if w.numel() > 1 else torch.zeros(()))
@@ -362,12 +378,19 @@ class LGTMTrainer(QuizDistillTrainer):
         self._record("quiz_loss", quiz_loss)
         if scale is not None:  # the sample_weights form has no λ
             self._record("influence_scale", torch.tensor(float(scale)))
-        self.latest_influence = {
+
+    def influence_record(
+        self, weights: torch.Tensor, batch: DistillationBatch, student_logits: torch.Tensor
+    ) -> dict[str, Any]:
+        """The influence record of this step, as ``latest_influence`` holds it: ``step``, the batch's row ids
+        (``idx``), the per-sample ``influence`` and each row's gold-label probability under the student's
+        logits; ``teacher_gold_prob`` is None until the soft labels of the student's real step are known."""
+        return {
             "step": self.state.global_step,
             "idx": batch.row_ids,
-            "influence": w,
+            "influence": weights.detach().float(),
             "student_gold_prob": _gold_prob(student_logits, batch.labels),
-            "teacher_gold_prob": None,  # filled from the soft labels the student's real step learns from
+            "teacher_gold_prob": None,
         }
 
     def _student_objective(
@@ -376,7 +399,7 @@ class LGTMTrainer(QuizDistillTrainer):
         """The student's training loss (as `compute_loss`), from logits."""
         distill, _ = self.distillation_term(student_logits, teacher_logits, {"labels": labels})
         task = labelled_cross_entropy(student_logits, labels, self.args.label_smoothing_factor)
-        return self.args.alpha * distill + (1.0 - self.args.alpha) * task
+        return self.student_loss(distill, task)
 
     def _teacher_aux_loss(
         self,
@@ -385,7 +408,7 @@ class LGTMTrainer(QuizDistillTrainer):
         labels: torch.Tensor,
         sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The online-distillation teacher loss α_t · KL(p_s ‖ p_t) + (1 − α_t) · CE (docs/algorithms.md); with
+        """The online-distillation teacher loss α_t · KL(p_s ‖ p_t) + (1 − α_t) · CE (https://hf-distill.readthedocs.io/algorithms/); with
         ``sample_weights``, the KL is the weighted mean ``mean_i ŵ_i · KL_i`` (the sample_weights form)."""
         args = self.args
         ce = labelled_cross_entropy(teacher_logits, labels)
@@ -401,17 +424,7 @@ class LGTMTrainer(QuizDistillTrainer):
             self._record("teacher_kl", per_sample.detach().mean())
             self._record("teacher_task_loss", ce.detach())
             return args.teacher_alpha * weighted + (1.0 - args.teacher_alpha) * ce
-        loss, kl = online_teacher_loss(
-            teacher_logits,
-            student_logits,
-            args.teacher_alpha,
-            args.temperature,
-            args.scale_by_temperature_squared,
-            task_loss=ce,
-        )
-        self._record("teacher_kl", kl.detach())
-        self._record("teacher_task_loss", ce.detach())
-        return loss
+        return self.online_teacher_objective(teacher_logits, student_logits, ce)
 
     def _influence_per_sample(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor

@@ -1,5 +1,5 @@
 """`MetaDistillTrainer` (Zhou et al. 2022, "BERT Learns to Teach"): the teacher learns from the student's quiz
-loss through a differentiable pilot update (docs/algorithms.md, "Meta distillation").
+loss through a differentiable pilot update (https://hf-distill.readthedocs.io/algorithms/, "Meta distillation").
 
 One optimisation step (every ``meta_every``-th step for the teacher part):
 1. pilot update, differentiable in θt: ``θs' = θs − η_pilot · ∇θs L_s(x_r; θs, θt)``, the gradient taken with
@@ -41,18 +41,17 @@ class MetaDistillTrainer(QuizDistillTrainer):
     (``quiz_split``) unless given. Each teacher update differentiates the student's gradient a second time,
     so the student must support double backward (checked before training; see `check_second_order_support`).
     Everything a learning teacher has (checkpoints and resume, DDP sync, ``eval_teacher_*``, PEFT) applies.
+    The teacher you pass is trained in place: pass a copy (``copy.deepcopy(teacher)``) to keep the original.
     """
 
     method_name = "meta"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                "MetaDistillTrainer's pilot update is one student step on one batch, whose graph is kept for the "
-                "second-order gradient: use gradient_accumulation_steps=1 (raise per_device_train_batch_size, or "
-                "lower it and turn on activation_checkpointing to fit memory)."
-            )
+        self._refuse_gradient_accumulation(
+            "pilot update is one student step on one batch, whose graph is kept for the second-order gradient",
+            "raise per_device_train_batch_size, or lower it and turn on activation_checkpointing to fit memory",
+        )
         check_second_order_support(self.model, self.teacher_models[0], self.args)
 
     @classmethod
@@ -112,16 +111,13 @@ class MetaDistillTrainer(QuizDistillTrainer):
         teacher_params = list(trainable_parameters(teacher).values())
 
         with explain_second_order_errors():
-            teacher_outputs = self._teacher_forward(batch)
+            teacher_outputs = self._teacher_outputs_with_graph(batch)
 
             # 1. Pilot: the student's own loss at the current teacher, its gradient with the graph kept.
             distill, _ = self.distillation_term(
                 student.logits, teacher_outputs.logits, batch.student, student.task_items
             )
-            task_loss = student.task_loss
-            pilot_loss = (
-                distill if task_loss is None else args.alpha * distill + (1.0 - args.alpha) * task_loss
-            )
+            pilot_loss = self.student_loss(distill, student.task_loss)
             grads = torch.autograd.grad(pilot_loss, params, create_graph=True, allow_unused=True)
             grads, pilot_norm = self._global_pilot_gradient(zeros_for_missing(grads, params))
             self.nonfinite.watch("teacher's logits", teacher_outputs.logits, "teacher")
@@ -150,13 +146,9 @@ class MetaDistillTrainer(QuizDistillTrainer):
 
     # ----- pieces -----------------------------------------------------------------------------------------------
 
-    def _teacher_forward(self, batch: DistillationBatch) -> Any:
-        """The teacher's outputs on the training batch, with their graph (and its task loss if weighted)."""
-        if not batch.teacher and self._teachers_need_own_inputs():
-            raise ValueError(
-                "The batch has no teacher_ input columns but the teacher's vocabulary differs from the "
-                "student's; add them with hf_distill.add_teacher_inputs."
-            )
+    def _teacher_outputs_with_graph(self, batch: DistillationBatch) -> Any:
+        """The teacher's model outputs on the training batch, with their graph (and its task loss if weighted)."""
+        self._check_batch_has_teacher_inputs(batch)
         with_labels = self.args.teacher_task_weight > 0
         feed = batch.teacher_inputs(self._teacher_arg_names[0], with_labels=with_labels)
         if with_labels and feed.get("labels") is None:

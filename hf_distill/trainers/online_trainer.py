@@ -1,4 +1,4 @@
-"""`OnlineDistillTrainer`: teacher and student learn together (docs/algorithms.md, "Online distillation")."""
+"""`OnlineDistillTrainer`: teacher and student learn together (https://hf-distill.readthedocs.io/algorithms/, "Online distillation")."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import torch
 from torch import nn
 
 from ..data.batch import DistillationBatch
-from ..losses.objectives import online_teacher_loss
 from .distillation_trainer import StudentForward, TeacherTargets
 from .learning_teacher_trainer import LearningTeacherTrainer
 from .online_config import OnlineDistillTrainingArguments
 
 
 class OnlineDistillTrainer(LearningTeacherTrainer):
-    """Teacher and student updated together, each optimisation step (docs/algorithms.md).
+    """Teacher and student updated together, each optimisation step (https://hf-distill.readthedocs.io/algorithms/).
 
     1. the teacher steps on ``α_t · KL(p_s.detach() ‖ p_t) + (1 − α_t) · CE(z_t, y)`` over the step's
        micro-batches (so under gradient accumulation it steps at the same boundaries as the student);
@@ -21,6 +20,7 @@ class OnlineDistillTrainer(LearningTeacherTrainer):
 
     ``trainer.teacher_model`` is the live teacher; `save_teacher` writes it with its tokenizer. Checkpoints
     hold the teacher, its optimizer and scheduler, and ``train(resume_from_checkpoint=...)`` restores them.
+    The teacher you pass is trained in place: pass a copy (``copy.deepcopy(teacher)``) to keep the original.
     """
 
     method_name = "online"
@@ -74,17 +74,7 @@ class OnlineDistillTrainer(LearningTeacherTrainer):
             student_logits, teacher_logits = self.aligned_positions(
                 student_logits.detach(), outputs.logits, batch.student
             )
-        loss, divergence = online_teacher_loss(
-            teacher_logits,
-            student_logits,
-            alpha_t,
-            self.args.temperature,
-            self.args.scale_by_temperature_squared,
-            task_loss=outputs.loss if alpha_t < 1.0 else None,
-            regression=regression,
-        )
-        self._record("teacher_kl", divergence.detach())
+        task_loss = outputs.loss if alpha_t < 1.0 else None
+        loss = self.online_teacher_objective(teacher_logits, student_logits, task_loss, regression)
         self.nonfinite.watch("teacher's loss", loss, "teacher")
-        if alpha_t < 1.0:
-            self._record("teacher_task_loss", outputs.loss.detach())
         return loss

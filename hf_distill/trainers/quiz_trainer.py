@@ -74,11 +74,19 @@ class QuizDistillTrainer(LearningTeacherTrainer):
         if quiz_dataset is None:
             raise ValueError(f"{type(self).__name__} needs quiz data: pass train_dataset (or quiz_dataset=).")
         self.quiz_dataset = self._remove_unused_columns(quiz_dataset, description="quiz")
+        self.check_dataset(self.quiz_dataset, "quiz")
         self._quiz_batch_size = self.args.quiz_batch_size or self.args.per_device_train_batch_size
 
     @classmethod
     def _default_args_class(cls) -> type[QuizDistillTrainingArguments]:
         return QuizDistillTrainingArguments
+
+    def _refuse_gradient_accumulation(self, reason: str, advice: str) -> None:
+        """Refuse ``gradient_accumulation_steps`` > 1, for a teacher update that ``reason`` ties to one batch."""
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"{type(self).__name__}'s {reason}: use gradient_accumulation_steps=1 ({advice})."
+            )
 
     def quiz_batch(self, step: int | None = None) -> dict[str, Any]:
         """The collated quiz batch of optimisation step ``step`` (default: the current one), on the device."""

@@ -406,11 +406,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         )
     with usage_errors(ValueError):
         check_transfer_set(model_args, data_args, training_args)
+        check_batch_sizes(training_args)
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True
         data_args.eval_by_default = True
     no_pin_memory_without_accelerator(training_args)
     return model_args, data_args, training_args
+
+
+def check_batch_sizes(training_args: TrainingArguments) -> None:
+    """Refuse a batch size below 1 by its flag, before the teacher is loaded or fine-tuned."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        value = getattr(training_args, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} must be a whole number of rows, 1 or more; got {value!r}.")
 
 
 def check_transfer_set(

@@ -3,8 +3,10 @@
 ``python tests/resume_worker.py OUTPUT_DIR RESULT.pt`` trains the configuration of `build_trainer` to
 `MAX_STEPS`, saving a checkpoint every `SAVE_STEPS` steps, and writes the final teacher and student to
 RESULT.pt. With ``--hang-after-save K --marker FILE`` it instead stops dead once ``checkpoint-K`` holds the
-teacher: it writes FILE and sleeps until the test kills it. ``--resume-from CKPT`` resumes from a checkpoint
-and also records what the trainer holds when training begins (after the checkpoint was loaded).
+teacher: it writes FILE and sleeps until the test kills it. With ``--die-at POINT --die-step K`` the process
+exits at once (``os._exit``: no clean-up, as a kill) at POINT of the save of ``checkpoint-K`` (`DIE_POINTS`).
+``--resume-from CKPT`` (or ``true``: the newest complete one) resumes from a checkpoint and also records what
+the trainer holds when training begins (after the checkpoint was loaded).
 """
 
 from __future__ import annotations
@@ -88,6 +90,45 @@ class HangAfterCheckpoint(TrainerCallback):
                 time.sleep(60)
 
 
+def _dies_before(owner, name: str, step: int, trainer_ref: list) -> None:
+    """Make ``owner.name`` exit the process when called during the save of ``checkpoint-<step>``."""
+    original = getattr(owner, name)
+
+    def dying(*args, **kwargs):
+        if trainer_ref and trainer_ref[0].state.global_step == step:
+            os._exit(17)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, dying)
+
+
+# Points of a save, in the order the trainers write a checkpoint: the teacher's state, the student's
+# weights, its optimizer and schedule, Trainer's state, and last the manifest that marks it complete.
+DIE_POINTS = (
+    "before_teacher",
+    "before_student_weights",
+    "before_optimizer",
+    "before_trainer_state",
+    "before_manifest",
+)
+
+
+def install_death(point: str, step: int, trainer_ref: list) -> None:
+    import transformers
+
+    import hf_distill.trainers.distillation_trainer as distillation_trainer
+    import hf_distill.trainers.learning_teacher_trainer as learning_teacher_trainer
+
+    owner, name = {
+        "before_teacher": (learning_teacher_trainer, "save_teacher_state"),
+        "before_student_weights": (OnlineDistillTrainer, "save_model"),
+        "before_optimizer": (transformers.Trainer, "_save_optimizer_and_scheduler"),
+        "before_trainer_state": (transformers.TrainerState, "save_to_json"),
+        "before_manifest": (distillation_trainer, "write_checkpoint_manifest"),
+    }[point]
+    _dies_before(owner, name, step, trainer_ref)
+
+
 class RecordStart(TrainerCallback):
     """What the trainer holds when training begins: after the checkpoint's teacher, optimizers and scheduler
     were loaded, before the first step."""
@@ -114,15 +155,21 @@ def main() -> None:
     parser.add_argument("--hang-after-save", type=int, default=None)
     parser.add_argument("--marker", type=Path, default=None)
     parser.add_argument("--resume-from", default=None)
+    parser.add_argument("--die-at", choices=DIE_POINTS, default=None)
+    parser.add_argument("--die-step", type=int, default=None)
     cli = parser.parse_args()
+    trainer_ref: list = []
+    if cli.die_at is not None:
+        install_death(cli.die_at, cli.die_step, trainer_ref)
     torch.set_num_threads(1)
     callbacks, start = [], RecordStart()
     if cli.hang_after_save is not None:
         callbacks.append(HangAfterCheckpoint(cli.hang_after_save, cli.marker))
     callbacks.append(start)
     trainer = build_trainer(cli.output_dir, callbacks)
+    trainer_ref.append(trainer)
     start.trainer = trainer
-    trainer.train(resume_from_checkpoint=cli.resume_from)
+    trainer.train(resume_from_checkpoint=True if cli.resume_from == "true" else cli.resume_from)
     torch.save(
         {
             "teacher": _snapshot(trainer.teacher_model),

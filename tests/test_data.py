@@ -107,3 +107,59 @@ def test_dataset_columns_of_datasets_and_plain_lists():
     assert dataset_columns([{"input_ids": [1], "label": 0}]) == {"input_ids", "label"}
     assert dataset_columns(None) == set()
     assert has_columns(data, ["teacher_logits", "idx"]) and not has_columns(data, ["idx"])
+
+
+# ----- a top-k teacher cache --------------------------------------------------------------------------------
+
+
+def test_top_k_columns_are_padded_by_position_and_split_off_the_teachers_inputs():
+    rows = [
+        {"input_ids": [1, 2, 3], "teacher_topk_ids": [[4, 5]] * 3, "teacher_topk_logprobs": [[-0.1, -2.0]] * 3,
+         "teacher_tail_logprob": [-3.0] * 3},
+        {"input_ids": [1, 2, 3], "teacher_topk_ids": [[6, 7]], "teacher_topk_logprobs": [[-0.5, -1.0]],
+         "teacher_tail_logprob": [-4.0]},
+    ]  # fmt: skip
+    raw = DistillationDataCollator()(rows)
+    assert raw["teacher_topk_ids"].dtype == torch.long and raw["teacher_topk_ids"].shape == (2, 3, 2)
+    assert raw["teacher_topk_logprobs"].dtype == torch.float32 and raw["teacher_tail_logprob"].shape == (2, 3)
+    assert (
+        raw["teacher_topk_ids"][1, 0].tolist() == [6, 7] and raw["teacher_topk_ids"][1, 1:].abs().sum() == 0
+    )
+    assert raw["teacher_tail_logprob"][1].tolist() == [-4.0, 0.0, 0.0]
+    batch = DistillationBatch.from_collated(raw)
+    assert batch.teacher == {} and set(batch.student) == {"input_ids"}
+    assert batch.cached_teacher_topk.ids is raw["teacher_topk_ids"]
+    assert batch.cached_teacher_topk.tail_logprob is raw["teacher_tail_logprob"]
+
+
+def test_a_top_k_cache_of_ragged_rows_keeps_each_rows_positions_and_its_record_through_disk(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_distill import cache_teacher_logits, topk_cache_metadata
+
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    tokenizer = tiny_tokenizer(tmp_path / "tok")
+    data = datasets.Dataset.from_dict({"input_ids": [[2, 9, 7, 3], [2, 8, 3], [2, 3]]})
+    data.info.description = "my data"
+    cached = cache_teacher_logits(
+        data, teacher, tokenizer=tokenizer, top_k=5, batch_size=2, teacher_name="me/t"
+    )
+    cached.save_to_disk(tmp_path / "cache")
+    loaded = datasets.load_from_disk(str(tmp_path / "cache"))
+    assert [len(r) for r in loaded["teacher_tail_logprob"]] == [4, 3, 2]
+    assert loaded.info.description.startswith("my data\n")
+    record = topk_cache_metadata(loaded.remove_columns("input_ids").shuffle(seed=0))
+    assert (
+        record["teacher"] == "me/t" and record["top_k"] == 5 and record["tokenizer"] == str(tmp_path / "tok")
+    )
+    with torch.no_grad():
+        expected = torch.log_softmax(teacher.eval()(torch.tensor([[2, 8, 3]])).logits[0], -1).topk(5, -1)
+    torch.testing.assert_close(
+        torch.tensor(loaded[1]["teacher_topk_logprobs"]), expected.values, atol=3e-3, rtol=0
+    )
+    assert record["max_token_id"] == max(max(max(r) for r in row) for row in loaded["teacher_topk_ids"])
+    with pytest.raises(ValueError, match="caches one teacher; got 2"):
+        cache_teacher_logits(data, [teacher, teacher], tokenizer=tokenizer, top_k=5)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+        cache_teacher_logits(data, teacher, tokenizer=tokenizer, top_k=0)

@@ -145,7 +145,7 @@ def _resume(checkpoint: Path, tokenizer, **overrides) -> OnlineDistillTrainer:
 def test_a_checkpoint_without_the_teachers_optimizer_or_schedule_is_refused(checkpoint_copy, tokenizer, name):
     (checkpoint_copy / "teacher" / name).unlink()
     with pytest.raises(
-        CheckpointIntegrityError, match=rf"has no {name}.*allow_partial_teacher_checkpoint=True"
+        CheckpointIntegrityError, match=rf"lost teacher/{name}.*allow_partial_teacher_checkpoint=True"
     ):
         _resume(checkpoint_copy, tokenizer)
 
@@ -176,15 +176,19 @@ def test_a_truncated_teacher_file_gets_our_message_naming_it(checkpoint_copy, to
         _resume(checkpoint_copy, tokenizer)
     # A checkpoint from before manifests: the loader's failure is still reported with the file's name.
     (checkpoint_copy / "teacher" / "manifest.json").unlink()
+    (checkpoint_copy / "checkpoint_manifest.json").unlink()
     with pytest.raises(CheckpointIntegrityError, match=r"trainable\.safetensors cannot be read"):
         _resume(checkpoint_copy, tokenizer)
 
 
 def test_a_checkpoint_from_before_manifests_resumes_with_a_warning(checkpoint_copy, tokenizer, caplog):
     (checkpoint_copy / "teacher" / "manifest.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
+    (checkpoint_copy / "checkpoint_manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_distill"):
         trainer = _resume(checkpoint_copy, tokenizer)
-    assert "cannot be verified" in caplog.text and trainer.state.global_step == 4
+    assert "checkpoint_manifest.json (written before checkpoints were verified)" in caplog.text
+    assert "teacher state in" in caplog.text and "cannot be verified" in caplog.text
+    assert trainer.state.global_step == 4
 
 
 # ----- data the quiz-driven trainers choke on ------------------------------------------------------------------
@@ -526,3 +530,230 @@ def test_a_second_live_run_in_the_same_output_dir_is_refused_before_training(tmp
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     trainer.train()  # the other run is gone: its lock is taken over, and the lock is released at the end
     assert not (Path(trainer.args.output_dir) / LOCK_NAME).exists()
+
+
+# ----- the student's half of a checkpoint ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kd_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    output = tmp_path_factory.mktemp("kd_run")
+    _kd_checkpoint_trainer(output, tokenizer).train()
+    return output / "checkpoint-2"
+
+
+def _kd_checkpoint_trainer(output: Path, tokenizer, **overrides) -> DistillationTrainer:
+    args = DistillationTrainingArguments(
+        **{
+            **dict(TINY_RUN, output_dir=str(output), max_steps=4),
+            "save_strategy": "steps",
+            "save_steps": 2,
+            **overrides,
+        }
+    )
+    return DistillationTrainer(
+        model=tiny_classifier(1, seed=2),
+        teacher_model=tiny_classifier(2, seed=1),
+        args=args,
+        train_dataset=keyword_dataset(32),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.fixture
+def kd_checkpoint_copy(kd_checkpoint, tmp_path) -> Path:
+    target = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(kd_checkpoint, target)
+    return target
+
+
+def _resume_kd(checkpoint: Path, tokenizer, **overrides) -> DistillationTrainer:
+    trainer = _kd_checkpoint_trainer(checkpoint.parent / "resumed", tokenizer, **overrides)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+def test_zeros_over_half_the_students_weights_are_refused_naming_file_and_digests(
+    kd_checkpoint_copy, tokenizer
+):
+    weights = kd_checkpoint_copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointIntegrityError,
+        match=r"model\.safetensors does not match the SHA-256 recorded .*: [0-9a-f]{16}… instead of [0-9a-f]{16}….*Start a new run",
+    ):
+        _resume_kd(kd_checkpoint_copy, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000])),
+        ("optimizer.pt", lambda p: p.write_bytes(p.read_bytes()[:1000])),
+        ("trainer_state.json", lambda p: p.write_text("{not json")),
+    ],
+)
+def test_a_damaged_student_file_is_named_with_the_checkpoint_to_resume_from(
+    tmp_path, tokenizer, name, damage
+):
+    output = tmp_path / "run"
+    _kd_checkpoint_trainer(output, tokenizer, max_steps=6).train()  # checkpoints 2, 4 and 6
+    damage(output / "checkpoint-6" / name)
+    with pytest.raises(
+        CheckpointIntegrityError,
+        match=rf"checkpoint-6/{re.escape(name)} has \d+ bytes but was written with \d+.*Resume from .*checkpoint-4",
+    ):
+        _resume_kd(output / "checkpoint-6", tokenizer)
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt"])
+def test_a_checkpoint_without_the_students_optimizer_or_schedule_is_refused(
+    kd_checkpoint_copy, tokenizer, caplog, name
+):
+    (kd_checkpoint_copy / name).unlink()
+    with pytest.raises(
+        CheckpointIntegrityError,
+        match=rf"lost {name}: resuming would restart .*allow_partial_checkpoint=True",
+    ):
+        _resume_kd(kd_checkpoint_copy, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="hf_distill.safety.checkpoints"):
+        trainer = _resume_kd(kd_checkpoint_copy, tokenizer, allow_partial_checkpoint=True)
+    assert f"without {name}" in caplog.text and trainer.state.global_step == 4
+
+
+def test_resume_true_skips_a_checkpoint_whose_save_did_not_finish(tmp_path, tokenizer, caplog):
+    output = tmp_path / "run"
+    _kd_checkpoint_trainer(output, tokenizer).train()  # checkpoints 2 and 4
+    (output / "checkpoint-4" / "checkpoint_manifest.json").unlink()
+    (output / "checkpoint-4" / "trainer_state.json").unlink()  # as if killed before Trainer's last file
+    trainer = _kd_checkpoint_trainer(output, tokenizer, max_steps=4)
+    seen = []
+
+    class FirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(state.global_step)
+
+    trainer.add_callback(FirstStep())
+    with caplog.at_level(logging.WARNING, logger="hf_distill.safety.checkpoints"):
+        trainer.train(resume_from_checkpoint=True)
+    assert "Skipping checkpoint-4: its save did not finish" in caplog.text
+    assert seen == [2] and trainer.state.global_step == 4
+    # Resumed from checkpoint-2, and checkpoint-4 was written again, complete.
+    assert (output / "checkpoint-4" / "checkpoint_manifest.json").is_file()
+    with pytest.raises(CheckpointIntegrityError, match="its save did not finish"):
+        (output / "checkpoint-4" / "checkpoint_manifest.json").unlink()
+        (output / "checkpoint-4" / "trainer_state.json").unlink()
+        _resume_kd(output / "checkpoint-4", tokenizer)
+
+
+# ----- a non-finite gradient from a finite loss, and what a skipped step logs -----------------------------------
+
+
+def _nan_gradient(parameter: torch.nn.Parameter, when) -> None:
+    """Make ``parameter``'s gradient NaN whenever ``when()`` holds, while every loss stays finite."""
+    parameter.register_hook(lambda grad: grad * math.nan if when() else grad)
+
+
+@pytest.mark.parametrize("method", ["kd", "online"])
+def test_a_nan_student_gradient_is_skipped_not_applied(tmp_path, tokenizer, method):
+    trainer = _trainer(method, tmp_path, tokenizer, nonfinite="skip")
+    snapshots = {}
+
+    class Snapshots(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = _snapshot(trainer.model)
+
+    trainer.add_callback(Snapshots())
+    _nan_gradient(trainer.model.classifier.weight, lambda: trainer.state.global_step == 1)
+    trainer.train()
+    assert first_nonfinite_parameter(trainer.model) is None  # before: every weight NaN
+    after_skipped = snapshots[2]
+    assert all(torch.equal(snapshots[1][n], after_skipped[n]) for n in after_skipped)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert math.isnan(losses[1]) and all(math.isfinite(v) for i, v in enumerate(losses) if i != 1)
+    trainer.save_model(str(tmp_path / "saved"))
+
+
+def test_a_nan_student_gradient_stops_with_a_true_message(tmp_path, tokenizer):
+    trainer = _trainer("kd", tmp_path, tokenizer)
+    _nan_gradient(trainer.model.classifier.weight, lambda: trainer.state.global_step == 1)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"The student's gradient is NaN at optimisation step 2; the student's weights are all finite.*"
+        r"Nothing was updated at this step",
+    ):
+        trainer.train()
+    assert first_nonfinite_parameter(trainer.model) is None
+
+
+def test_a_training_set_smaller_than_one_dropped_batch_is_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"has 8 rows, fewer than one batch \(16 rows per device.*drop_last"):
+        DistillationTrainer(
+            model=tiny_classifier(1),
+            teacher_model=tiny_classifier(2),
+            args=tiny_run_args(
+                DistillationTrainingArguments,
+                tmp_path,
+                per_device_train_batch_size=16,
+                dataloader_drop_last=True,
+            ),
+            train_dataset=keyword_dataset(8),
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("name", ["per_device_train_batch_size", "per_device_eval_batch_size"])
+def test_a_batch_size_below_one_is_refused_by_name(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1, got 0"):
+        tiny_run_args(DistillationTrainingArguments, tmp_path, **{name: 0})
+
+
+def _poison_after_the_teachers_update(trainer, step: int) -> None:
+    """NaN from the teacher's forward that follows its update in optimisation step ``step`` (online: the
+    teacher's loss forward, its update, then its forward for the student's soft labels)."""
+    calls = {"n": 0}
+
+    class CountPerStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            calls["n"] = 0
+
+    def hook(_, __, output):
+        calls["n"] += 1
+        return output * math.nan if trainer.state.global_step == step and calls["n"] == 2 else output
+
+    trainer.add_callback(CountPerStep())
+    trainer.teacher_models[0].classifier.register_forward_hook(hook)
+
+
+def test_a_non_finite_value_after_the_teachers_update_says_the_teacher_moved(tmp_path, tokenizer):
+    trainer = _trainer("online", tmp_path, tokenizer)
+    _poison_after_the_teachers_update(trainer, step=1)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"teacher's logits are NaN at optimisation step 2.*The teacher was updated earlier in this step "
+        r"\(before the value went non-finite\); nothing else was\.",
+    ):
+        trainer.train()
+
+
+def test_skip_takes_back_the_teachers_update_of_a_skipped_step(tmp_path, tokenizer):
+    trainer = _trainer("online", tmp_path, tokenizer, nonfinite="skip")
+    snapshots = {}
+
+    class Snapshots(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = (_snapshot(trainer.model), _snapshot(trainer.teacher_models[0]))
+
+    trainer.add_callback(Snapshots())
+    _poison_after_the_teachers_update(trainer, step=1)
+    trainer.train()
+    (student_before, teacher_before), (student_after, teacher_after) = snapshots[1], snapshots[2]
+    assert all(
+        torch.equal(teacher_before[n], teacher_after[n]) for n in teacher_before
+    )  # before: kept its update
+    assert all(torch.equal(student_before[n], student_after[n]) for n in student_before)
+    assert any(not torch.equal(snapshots[2][1][n], snapshots[3][1][n]) for n in teacher_before)  # steps on
+    logged = [entry["nonfinite_skipped_steps"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [0, 1, 1, 1]

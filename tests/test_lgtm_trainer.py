@@ -402,10 +402,8 @@ def test_unsupported_settings_are_refused(tmp_path, tokenizer):
             train_dataset=keyword_dataset(16).map(lambda r: {"label": float(r["label"])}),
             processing_class=tokenizer,
         )
-    with pytest.raises(
-        ValueError, match="LGTMTrainer's lookahead is one student step.*gradient_accumulation_steps=1"
-    ):
-        make_trainer(tmp_path, tokenizer, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="pre_update.*gradient_accumulation_steps=1"):
+        make_trainer(tmp_path, tokenizer, gradient_accumulation_steps=2, lgtm_student_targets="pre_update")
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1, optim="sgd")
     student_before = copy.deepcopy(trainer.model.state_dict())
     with pytest.raises(ValueError, match="lookahead='sgd'"):
@@ -712,3 +710,61 @@ def test_the_step_influence_record_comes_from_one_hook(tmp_path, tokenizer, stud
     # The teacher column is filled from the soft labels of the student's real step, in both orders.
     assert record["teacher_gold_prob"].shape == record["influence"].shape == (8,)
     assert torch.all((record["teacher_gold_prob"] > 0) & (record["teacher_gold_prob"] < 1))
+
+
+class RecordEveryStep(TrainerCallback):
+    """Keeps each optimisation step's influence record."""
+
+    def __init__(self) -> None:
+        self.trainer, self.records = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.records.append(self.trainer.latest_influence)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(influence_mode="finite_difference"),
+        dict(influence_mode="exact", influence_form="sample_weights", max_grad_norm=1.0),
+    ],
+)
+def test_two_micro_batches_of_four_make_the_step_of_one_batch_of_eight(tmp_path, tokenizer, overrides):
+    runs = []
+    for sizes in (
+        dict(per_device_train_batch_size=8),
+        dict(per_device_train_batch_size=4, gradient_accumulation_steps=2),
+    ):
+        recorder = RecordEveryStep()
+        trainer = LGTMTrainer(
+            model=tiny_classifier(1, seed=2),
+            teacher_model=tiny_classifier(2, seed=1),
+            args=make_args(tmp_path / str(len(runs)), alpha=0.5, **sizes, **overrides),
+            train_dataset=keyword_dataset(32),  # 24 training rows: three steps of 8
+            processing_class=tokenizer,
+            callbacks=[recorder],
+        )
+        recorder.trainer = trainer
+        trainer.train()
+        runs.append((trainer, recorder.records))
+    (whole, whole_records), (accumulated, accumulated_records) = runs
+    assert accumulated.state.global_step == whole.state.global_step == 3
+    assert_same_parameters(whole.teacher_model, accumulated.teacher_model, "teacher ")
+    assert_same_parameters(whole.model, accumulated.model, "student ")
+    # One record per optimisation step, one row per sample of the step, as without accumulation.
+    assert len(accumulated_records) == len(whole_records) == 3
+    for expected, actual in zip(whole_records, accumulated_records, strict=True):
+        assert actual["step"] == expected["step"]
+        assert torch.equal(actual["idx"], expected["idx"]) and actual["idx"].shape == (8,)
+        for key in ("influence", "student_gold_prob", "teacher_gold_prob"):
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    for key in ("quiz_loss", "influence_mean", "loss"):
+        expected = [log[key] for log in whole.state.log_history if key in log]
+        assert len(expected) == 3, key  # logged at every step
+        torch.testing.assert_close(
+            torch.tensor([log[key] for log in accumulated.state.log_history if key in log]),
+            torch.tensor(expected),
+            rtol=1e-4,
+            atol=1e-6,
+            msg=key,
+        )

@@ -4,7 +4,8 @@ The teacher is not wrapped in DDP; its gradients are averaged by `average_gradie
 ranks see different rows, so without that averaging their teachers drift apart; with it, both ranks hold the
 teacher (and student) of a single-process run with twice the per-device batch.
 LGTMTrainer (faithful and pre_update) is checked the same way: its quiz gradient and lookahead gradient
-are averaged across ranks too.
+are averaged across ranks too. So are LGTMTrainer and MetaDistillTrainer with gradient accumulation: 2 ranks
+× 2 micro-batches of 4 rows must train what one process trains on batches of 16.
 """
 
 from __future__ import annotations
@@ -206,4 +207,42 @@ def test_lgtm_under_ddp_matches_single_process_on_the_combined_batch(lgtm_runs, 
         moved, _ = _max_diff(
             lgtm_runs[f"{variant}_single"][role], lgtm_runs[f"{variant}_single"][f"{role}_init"]
         )
+        assert moved > 1e-3, f"{variant}: the {role} did not change"
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs(tmp_path_factory) -> dict[str, dict]:
+    """LGTM and meta with 2 micro-batches of 4 rows on each of 2 ranks, and in one process with batches of 16."""
+    import ddp_worker
+
+    outdir = tmp_path_factory.mktemp("accumulation_ddp")
+    _launch_two_ranks(outdir, ["lgtm_ga", "meta_ga"])
+    results = {}
+    for variant in ("lgtm_ga", "meta_ga"):
+        for rank in (0, 1):
+            results[f"{variant}{rank}"] = _load(outdir / f"{variant}_rank{rank}.pt")
+        single_dir = outdir / f"single_{variant}"
+        single_dir.mkdir()
+        combined = ddp_worker.GLOBAL_BATCH * ddp_worker.ACCUMULATION
+        method = variant.removesuffix("_ga")
+        results[f"{variant}_single"] = _load(
+            ddp_worker.train_once(single_dir, "single", combined, method=method)
+        )
+    return results
+
+
+@pytest.mark.parametrize("variant", ["lgtm_ga", "meta_ga"])
+def test_accumulation_under_ddp_matches_single_process_on_the_combined_batch(accumulation_runs, variant):
+    """Each rank's two micro-batches and the other rank's are one step of the single process's 16 rows."""
+    from ddp_worker import STEPS
+
+    runs = accumulation_runs
+    assert runs[f"{variant}0"]["world_size"] == 2 and runs[f"{variant}0"]["global_step"] == STEPS
+    assert runs[f"{variant}0"]["teacher_steps"] == STEPS  # one teacher step per optimisation step
+    for role in ("teacher", "student"):
+        diff, name = _max_diff(runs[f"{variant}0"][role], runs[f"{variant}1"][role])
+        assert diff <= 1e-7, f"{variant}: the {role} differs between ranks at {name} by {diff}"
+        diff, name = _max_diff(runs[f"{variant}0"][role], runs[f"{variant}_single"][role])
+        assert diff <= 1e-5, f"{variant}: DDP {role} differs from the single-process run at {name} by {diff}"
+        moved, _ = _max_diff(runs[f"{variant}_single"][role], runs[f"{variant}_single"][f"{role}_init"])
         assert moved > 1e-3, f"{variant}: the {role} did not change"

@@ -13,57 +13,21 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from testing_utils import assert_state_close, finish_worker, start_worker
+
+from hf_distill.safety.checksums import CheckpointIntegrityError
 
 pytestmark = pytest.mark.slow  # separate processes, killed mid-run: minutes, not seconds
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "resume_worker.py"
 RUN_TIMEOUT_S = 180
-
-
-def _env() -> dict[str, str]:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _start(output_dir: Path, result: Path, *extra: str, log: Path) -> tuple[subprocess.Popen, object]:
-    stream = open(log, "w")  # closed by the fixture
-    command = [sys.executable, str(WORKER), str(output_dir), str(result), *extra]
-    proc = subprocess.Popen(command, env=_env(), cwd=TESTS.parent, stdout=stream, stderr=subprocess.STDOUT)
-    return proc, stream
-
-
-def _finish(proc: subprocess.Popen, stream, log: Path, what: str) -> None:
-    try:
-        proc.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"{what} did not finish in {RUN_TIMEOUT_S} s:\n{log.read_text()[-8000:]}")
-    stream.close()
-    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{log.read_text()[-8000:]}"
-
-
-def _assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float, what: str):
-    assert actual.keys() == expected.keys(), what
-    for name, value in expected.items():
-        diff = (actual[name].float() - value.float()).abs().max().item()
-        assert diff <= atol, f"{what}: {name} differs by {diff}"
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +38,11 @@ def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("online_resume")
     started: list[tuple[subprocess.Popen, object]] = []
     try:
-        started.append(_start(root / "full", root / "full.pt", log=root / "full.log"))
+        started.append(start_worker(WORKER, root / "full", root / "full.pt", log=root / "full.log"))
         marker = root / "checkpoint_saved"
         started.append(
-            _start(
+            start_worker(
+                WORKER,
                 root / "killed",
                 root / "killed.pt",
                 "--hang-after-save",
@@ -111,7 +76,8 @@ def runs(tmp_path_factory) -> dict:
         shutil.copytree(checkpoint, pristine)
 
         started.append(
-            _start(
+            start_worker(
+                WORKER,
                 root / "killed",
                 root / "resumed.pt",
                 "--resume-from",
@@ -120,8 +86,8 @@ def runs(tmp_path_factory) -> dict:
             )
         )
         resume_proc, resume_log = started[-1]
-        _finish(full_proc, full_log, root / "full.log", "the uninterrupted run")
-        _finish(resume_proc, resume_log, root / "resumed.log", "the resumed run")
+        finish_worker(full_proc, full_log, root / "full.log", "the uninterrupted run")
+        finish_worker(resume_proc, resume_log, root / "resumed.log", "the resumed run")
     finally:  # never leave a worker behind, whatever failed
         for proc, stream in started:
             if proc.poll() is None:
@@ -141,8 +107,8 @@ def runs(tmp_path_factory) -> dict:
 def test_resumed_run_matches_the_uninterrupted_run(runs):
     full, resumed = runs["full"], runs["resumed"]
     assert full["global_step"] == resumed["global_step"] == runs["max_steps"]
-    _assert_close(resumed["teacher"], full["teacher"], 1e-6, "teacher after resume")
-    _assert_close(resumed["student"], full["student"], 1e-6, "student after resume")
+    assert_state_close(resumed["teacher"], full["teacher"], 1e-6, "teacher after resume")
+    assert_state_close(resumed["student"], full["student"], 1e-6, "student after resume")
     assert resumed["teacher_scheduler"]["last_epoch"] == full["teacher_scheduler"]["last_epoch"]
     # The teacher trained after the checkpoint (so the comparison above covers the resumed steps).
     saved = load_file(str(runs["checkpoint"] / "teacher" / "trainable.safetensors"))
@@ -160,7 +126,7 @@ def test_killed_runs_checkpoint_matches_the_uninterrupted_runs(runs):
     ]
     killed = load_file(str(teacher_dir / "trainable.safetensors"))
     full = load_file(str(runs["full_checkpoint"] / "teacher" / "trainable.safetensors"))
-    _assert_close(killed, full, 0.0, "checkpoint teacher of the killed run")
+    assert_state_close(killed, full, 0.0, "checkpoint teacher of the killed run")
 
 
 def test_resume_starts_from_the_checkpoint_teacher(runs):
@@ -169,7 +135,9 @@ def test_resume_starts_from_the_checkpoint_teacher(runs):
     teacher_dir = runs["checkpoint"] / "teacher"
     saved = load_file(str(teacher_dir / "trainable.safetensors"))
     assert saved, "the checkpoint holds no teacher weights"
-    _assert_close({n: start["teacher"][n] for n in saved}, saved, 0.0, "teacher at the start of the resume")
+    assert_state_close(
+        {n: start["teacher"][n] for n in saved}, saved, 0.0, "teacher at the start of the resume"
+    )
     # Its optimizer (Adam moments) and schedule resume too, not only its weights.
     optimizer = torch.load(teacher_dir / "optimizer.pt", weights_only=True)
     assert optimizer["state"], "the checkpoint's teacher optimizer has no state"
@@ -183,7 +151,7 @@ def test_resume_starts_from_the_checkpoint_teacher(runs):
     assert start["teacher_scheduler"]["_last_lr"] == scheduler["_last_lr"]
     # And the student is the checkpoint's too (Trainer's part of the resume).
     full_start_student = load_file(str(runs["checkpoint"] / "model.safetensors"))
-    _assert_close(
+    assert_state_close(
         {n: start["student"][n] for n in full_start_student},
         full_start_student,
         0.0,
@@ -198,8 +166,11 @@ def test_resume_without_the_teacher_folder_raises(runs, tmp_path):
     shutil.copytree(runs["checkpoint"], broken)
     shutil.rmtree(broken / "teacher")
     trainer = build_trainer(tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match=re.escape(str(broken))):
+    # The checkpoint's manifest lists the teacher's files: their absence is named before anything is read.
+    with pytest.raises(
+        CheckpointIntegrityError, match=re.escape(str(broken / "teacher")) + r"/\S+ is missing"
+    ):
         trainer.train(resume_from_checkpoint=str(broken))
     # resume_from_checkpoint=True finds the same checkpoint in output_dir and fails the same way.
-    with pytest.raises(FileNotFoundError, match=re.escape(str(broken))):
+    with pytest.raises(CheckpointIntegrityError, match=re.escape(str(broken / "teacher"))):
         trainer.train(resume_from_checkpoint=True)

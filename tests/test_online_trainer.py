@@ -190,6 +190,10 @@ def test_resume_without_teacher_state_is_refused(tmp_path, tokenizer):
         train_dataset=data,
         processing_class=tokenizer,
     )
+    with pytest.raises(ValueError, match=r"checkpoint-2/teacher/\S+ is missing"):
+        fresh.train(resume_from_checkpoint=True)
+    # Without the checkpoint's manifest (written before manifests), the teacher's own check still refuses.
+    (checkpoint / "checkpoint_manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="holds no teacher state"):
         fresh.train(resume_from_checkpoint=True)
 

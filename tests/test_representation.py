@@ -300,8 +300,14 @@ def test_heads_are_checkpointed_restored_and_never_saved_with_the_student(tmp_pa
     assert set(keys) == set(tiny_classifier(1, seed=2).state_dict())
 
     fresh = kd_trainer(tmp_path / "other", tokenizer, teacher=wide_teacher(), **REPRESENTATION)
-    with pytest.raises(FileNotFoundError, match="no representation heads"):
+    with pytest.raises(ValueError, match="its save did not finish"):  # not a checkpoint at all
         fresh.train(resume_from_checkpoint=str(tmp_path / "straight"))
+    (checkpoint / HEADS_FILE).unlink()  # a checkpoint that lost its heads names the file
+    with pytest.raises(ValueError, match=rf"{HEADS_FILE} is missing"):
+        fresh.train(resume_from_checkpoint=str(checkpoint))
+    (checkpoint / "checkpoint_manifest.json").unlink()  # unverifiable (older): the heads' own check
+    with pytest.raises(FileNotFoundError, match="no representation heads"):
+        fresh.train(resume_from_checkpoint=str(checkpoint))
 
 
 @pytest.mark.parametrize("kind", ["online", "lgtm", "meta"])

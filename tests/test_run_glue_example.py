@@ -664,3 +664,23 @@ def test_real_minilm_teacher_fine_tuned_then_lgtm(mrpc_dir, tmp_path):
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "minilm")
     assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 384
     assert (tmp_path / "minilm" / "influence.jsonl").is_file()
+
+
+@pytest.mark.parametrize("method", ["finetune", "kd"])
+def test_a_batch_size_of_zero_is_refused_by_its_flag_before_any_work(checkpoints, capsys, method):
+    argv = [
+        "--method",
+        method,
+        "--task_name",
+        "mrpc",
+        "--model_name_or_path",
+        str(checkpoints["pretrained"]),
+        "--teacher_model_name_or_path",
+        str(checkpoints["teacher"]),
+        "--output_dir",
+        "unused",
+        "--per_device_train_batch_size",
+        "0",
+    ]
+    message = cli_error(capsys, argv, example.parse_args)
+    assert "per_device_train_batch_size" in message and "0" in message

@@ -4,9 +4,12 @@ fast and offline (fixtures live in conftest.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -98,3 +101,56 @@ def write_vocab(folder: Path, vocab_size: int = VOCAB, prefix: str = "w") -> Pat
 
 def tiny_tokenizer(folder: Path, vocab_size: int = VOCAB, prefix: str = "w") -> BertTokenizerFast:
     return BertTokenizerFast.from_pretrained(str(write_vocab(folder, vocab_size, prefix)))
+
+
+# ----- training runs in their own process (kill-and-resume tests) ------------------------------------------
+
+WORKER_TIMEOUT_S = 180
+
+
+def worker_env() -> dict[str, str]:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def start_worker(
+    worker: Path, output_dir: Path, result: Path, *extra: str, log: Path
+) -> tuple[subprocess.Popen, object]:
+    stream = open(log, "w")  # closed by the fixture
+    command = [sys.executable, str(worker), str(output_dir), str(result), *extra]
+    proc = subprocess.Popen(
+        command,
+        env=worker_env(),
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=stream,
+        stderr=subprocess.STDOUT,
+    )
+    return proc, stream
+
+
+def finish_worker(proc: subprocess.Popen, stream, log: Path, what: str) -> None:
+    try:
+        proc.wait(timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{what} did not finish in {WORKER_TIMEOUT_S} s:\n{log.read_text()[-8000:]}")
+    stream.close()
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{log.read_text()[-8000:]}"
+
+
+def assert_state_close(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float, what: str
+):
+    assert actual.keys() == expected.keys(), what
+    for name, value in expected.items():
+        diff = (actual[name].float() - value.float()).abs().max().item()
+        assert diff <= atol, f"{what}: {name} differs by {diff}"

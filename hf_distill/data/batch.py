@@ -3,6 +3,8 @@
 A batch may carry, beside the student's inputs:
 - ``teacher_<name>`` columns (e.g. ``teacher_input_ids``) for a teacher with its own tokenizer;
 - ``teacher_logits``: precomputed teacher outputs (the teacher is then not run);
+- ``teacher_topk_ids``, ``teacher_topk_logprobs``, ``teacher_tail_logprob``: a top-k cache of a language
+  model teacher (its K most likely tokens per position, their log-probabilities and the tail's);
 - ``idx``: dataset row ids, kept so that per-sample records can name their rows.
 """
 
@@ -19,8 +21,29 @@ TEACHER_PREFIX = "teacher_"
 
 TEACHER_LOGITS = "teacher_logits"
 
+TEACHER_TOPK_IDS = "teacher_topk_ids"
+TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"
+TEACHER_TAIL_LOGPROB = "teacher_tail_logprob"
+TEACHER_TOPK_COLUMNS = (TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, TEACHER_TAIL_LOGPROB)
+# Columns that hold the teacher's outputs rather than its inputs.
+CACHED_TEACHER_COLUMNS = (TEACHER_LOGITS, *TEACHER_TOPK_COLUMNS)
 
 ROW_ID = "idx"
+
+
+@dataclass
+class TopKTeacherTargets:
+    """A top-k cache's soft labels for one batch: ``ids`` and ``logprobs`` ``(B, T, K)`` (the teacher's K most
+    likely tokens and their log-probabilities at temperature 1), ``tail_logprob`` ``(B, T)`` (the log of
+    the mass outside them)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail_logprob: torch.Tensor
+
+    def detach(self) -> torch.Tensor:
+        """The log-probabilities, for the finiteness checks that watch the teacher's targets."""
+        return self.logprobs.detach()
 
 
 @dataclass
@@ -29,7 +52,8 @@ class DistillationBatch:
 
     ``student``: the student's inputs, ``labels`` included; ``teacher``: the ``teacher_`` columns without
     their prefix (empty when the teacher reads the student's inputs); ``cached_teacher_logits`` and
-    ``row_ids``: the ``teacher_logits`` and ``idx`` columns, or ``None``. ``step_batches`` is set on the
+    ``row_ids``: the ``teacher_logits`` and ``idx`` columns, or ``None``; ``cached_teacher_topk``: the top-k
+    cache's columns, or ``None``. ``step_batches`` is set on the
     first micro-batch of an optimisation step only: every (collated, unprepared) micro-batch of that step,
     this one first, for a teacher that steps once per optimisation step on all of them. ``after_backward``:
     work a teacher step leaves for after the student's backward of this micro-batch (it needs the
@@ -42,6 +66,7 @@ class DistillationBatch:
     row_ids: torch.Tensor | None = None
     step_batches: list[dict[str, Any]] | None = None
     after_backward: list[Callable[[], None]] = field(default_factory=list)
+    cached_teacher_topk: TopKTeacherTargets | None = None
 
     @classmethod
     def from_collated(
@@ -52,13 +77,23 @@ class DistillationBatch:
             return batch
         student, teacher = {}, {}
         for key, value in batch.items():
-            if key in (TEACHER_LOGITS, ROW_ID):
+            if key in (*CACHED_TEACHER_COLUMNS, ROW_ID):
                 continue
             if key.startswith(TEACHER_PREFIX):
                 teacher[key[len(TEACHER_PREFIX) :]] = value
             else:
                 student[key] = value
-        return cls(student, teacher, batch.get(TEACHER_LOGITS), batch.get(ROW_ID), step_batches)
+        topk = None
+        if TEACHER_TOPK_IDS in batch:
+            topk = TopKTeacherTargets(*(batch[name] for name in TEACHER_TOPK_COLUMNS))
+        return cls(
+            student,
+            teacher,
+            batch.get(TEACHER_LOGITS),
+            batch.get(ROW_ID),
+            step_batches,
+            cached_teacher_topk=topk,
+        )
 
     @property
     def starts_step(self) -> bool:

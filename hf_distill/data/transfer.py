@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from .batch import TEACHER_PREFIX
-
-LABEL_COLUMNS = ("label", "labels", "label_ids")
+from .label_checks import LABEL_COLUMNS
 
 
 def mask_tokens(

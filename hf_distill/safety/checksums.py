@@ -57,6 +57,23 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict] | None:
         ) from err
 
 
+def check_recorded_file(path: Path, recorded: dict, fix: str) -> None:
+    """Raise `CheckpointIntegrityError` when ``path`` no longer has the size or SHA-256 ``recorded`` when it
+    was written; the message names the file, both values and ``fix`` (what to resume from instead)."""
+    size = path.stat().st_size
+    if size != recorded["bytes"]:
+        raise CheckpointIntegrityError(
+            f"{path} has {size} bytes but was written with {recorded['bytes']} (truncated or overwritten since the "
+            f"checkpoint was saved). {fix}"
+        )
+    digest = file_sha256(path)
+    if digest != recorded["sha256"]:
+        raise CheckpointIntegrityError(
+            f"{path} does not match the SHA-256 recorded when the checkpoint was written: {digest[:16]}… instead of "
+            f"{recorded['sha256'][:16]}… (its content changed since). {fix}"
+        )
+
+
 def verify_manifest(folder: str | os.PathLike, absent_ok: frozenset[str] | set[str] = frozenset()) -> None:
     """Raise `CheckpointIntegrityError` naming the first file of the manifest that is missing (unless listed in
     ``absent_ok``), of another size, or of another SHA-256 than when it was written."""
@@ -70,14 +87,4 @@ def verify_manifest(folder: str | os.PathLike, absent_ok: frozenset[str] | set[s
             raise CheckpointIntegrityError(
                 f"{path} is missing, but the checkpoint was written with it. Resume from an earlier checkpoint."
             )
-        size = path.stat().st_size
-        if size != recorded["bytes"]:
-            raise CheckpointIntegrityError(
-                f"{path} has {size} bytes but was written with {recorded['bytes']} (truncated or overwritten since "
-                "the checkpoint was saved). Resume from an earlier checkpoint."
-            )
-        if file_sha256(path) != recorded["sha256"]:
-            raise CheckpointIntegrityError(
-                f"{path} does not match the SHA-256 recorded when the checkpoint was written (its content changed "
-                "since). Resume from an earlier checkpoint."
-            )
+        check_recorded_file(path, recorded, "Resume from an earlier checkpoint.")

@@ -77,6 +77,8 @@ class NonFiniteMonitor:
         self._totals: dict[str, torch.Tensor] = {}
         self._owners: dict[str, str] = {}
         self._step_skipped = False
+        self._updated: list[str] = []  # models already updated in this step (a learning teacher steps first)
+        self._undo: list[Callable[[], None]] = []  # how to take those updates back if the step is skipped
 
     def watch(self, quantity: str, value: torch.Tensor, owner: str) -> None:
         """Add ``value``'s finiteness to this step's record of ``quantity`` (no host synchronisation)."""
@@ -121,6 +123,9 @@ class NonFiniteMonitor:
             self._step_skipped = True
             self.skipped_steps += 1
             self.consecutive_skips += 1
+            for undo in reversed(self._undo):  # updates made earlier in this step
+                undo()
+            self._undo.clear()
         if self.consecutive_skips > self.max_consecutive_skips:
             raise NonFiniteError(
                 f"{self.consecutive_skips} optimisation steps in a row had non-finite values "
@@ -131,6 +136,13 @@ class NonFiniteMonitor:
             )
         return True
 
+    def mark_updated(self, role: str, undo: Callable[[], None] | None = None) -> None:
+        """Record that ``role``'s weights were updated in this step, so an error later in it says so; ``undo``
+        takes the update back if the step is skipped (``"skip"`` leaves every model as it was)."""
+        self._updated.append(role)
+        if undo is not None:
+            self._undo.append(undo)
+
     def end_step(self) -> None:
         """Forget this step's records (after the student's optimizer step)."""
         if not self._step_skipped:
@@ -138,6 +150,8 @@ class NonFiniteMonitor:
         self._totals.clear()
         self._owners.clear()
         self._step_skipped = False
+        self._updated.clear()
+        self._undo.clear()
 
     def log_values(self) -> dict[str, int]:
         """What the training logs get: the number of skipped steps so far, under the ``"skip"`` policy."""
@@ -163,9 +177,14 @@ class NonFiniteMonitor:
         return text
 
     def _fix(self) -> str:
-        return (
-            " Nothing was updated at this step. Lower the learning rate (or the teacher's), check the data, or "
-            "set nonfinite='skip' to skip such steps (at most max_consecutive_nonfinite_skips in a row)."
+        if self._updated:
+            done = " and ".join(dict.fromkeys(self._updated))
+            updated = f" The {done} was updated earlier in this step (before the value went non-finite); nothing else was."
+        else:
+            updated = " Nothing was updated at this step."
+        return updated + (
+            " Lower the learning rate (or the teacher's), check the data, or set nonfinite='skip' to skip such "
+            "steps (at most max_consecutive_nonfinite_skips in a row)."
         )
 
 

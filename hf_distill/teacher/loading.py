@@ -225,15 +225,31 @@ def check_teacher_student_compatible(teacher: nn.Module, student: nn.Module, pos
 
 
 def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
-    """Place a frozen teacher for the run the way TRL does for its reference models.
+    """Place a frozen teacher for the run, sharded the way the student is.
 
     Under DeepSpeed the teacher gets an inference engine (ZeRO-3 keeps it sharded; other stages run it
-    unsharded, as stage 0); everywhere else accelerate places it on the device without a DDP wrapper.
+    unsharded, as stage 0). Under FSDP2 it is sharded with ``fully_shard`` by the student's policy (see
+    `shard_frozen_teacher`). Under FSDP1, which accelerate leaves unwrapped and on the CPU in evaluation
+    mode, it is a full replica on this rank's device. Everywhere else accelerate places it on the device
+    without a DDP wrapper.
     """
     state = getattr(accelerator, "state", None)
-    plugin = getattr(state, "deepspeed_plugin", None)
-    if plugin is None:
-        return freeze(accelerator.prepare_model(teacher, evaluation_mode=True))
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        return freeze(deepspeed_inference_engine(teacher, state.deepspeed_plugin))
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) == 2:
+        return shard_frozen_teacher(teacher, accelerator)
+    if fsdp_plugin is not None:
+        logger.warning(
+            "FSDP1 keeps a full copy of the frozen teacher on every rank; set fsdp_version: 2 (accelerate) or "
+            "fsdp_config={'version': 2} (TrainingArguments) to shard it like the student."
+        )
+        return freeze(accelerator.prepare_model(teacher.to(accelerator.device), evaluation_mode=True))
+    return freeze(accelerator.prepare_model(teacher, evaluation_mode=True))
+
+
+def deepspeed_inference_engine(teacher: nn.Module, plugin: Any) -> nn.Module:
+    """A DeepSpeed engine without optimizer for a frozen teacher, from the run's DeepSpeed config."""
     import deepspeed  # only present in DeepSpeed runs
 
     config = copy.deepcopy(plugin.deepspeed_config)
@@ -251,4 +267,42 @@ def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
     config.pop("optimizer", None)
     config.pop("scheduler", None)
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
-    return freeze(engine)
+    return engine
+
+
+def shard_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """Shard a frozen teacher across the ranks with FSDP2, by the policy accelerate applies to the student.
+
+    accelerate's ``prepare_model(..., evaluation_mode=True)`` neither shards nor places a model under FSDP,
+    so the teacher would stay whole, on the CPU, on every rank. Instead the teacher goes through accelerate's
+    own FSDP2 preparation (the student's device mesh, wrap policy, ``reshard_after_forward``, mixed precision
+    and offload settings), given a copy of the FSDP plugin, since that preparation fits the plugin's
+    wrap policy to the model it sees and the student's must not be fitted to the teacher. The teacher is
+    frozen first, so mixed precision does not upcast its weights to float32 master copies.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    freeze(teacher)
+    state = accelerator.state
+    student_plugin = state.fsdp_plugin
+    teacher_plugin = copy.copy(student_plugin)
+    teacher_plugin.transformer_cls_names_to_wrap = teacher_layer_classes(
+        teacher, student_plugin.transformer_cls_names_to_wrap
+    )
+    state.fsdp_plugin = teacher_plugin
+    try:
+        sharded = fsdp2_prepare_model(accelerator, teacher)
+    finally:
+        state.fsdp_plugin = student_plugin
+    return freeze(sharded)
+
+
+def teacher_layer_classes(teacher: nn.Module, names: list[str] | None) -> list[str] | None:
+    """The layer classes to wrap in the teacher: those of ``names`` (the classes configured for the
+    student) that the teacher has, or None, for the teacher's own ``_no_split_modules``, when it has none
+    of them (a student of another architecture)."""
+    if not names:
+        return None
+    present = {type(module).__name__ for module in teacher.modules()}
+    kept = [name for name in names if name in present]
+    return kept or None

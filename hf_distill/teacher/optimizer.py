@@ -50,15 +50,20 @@ def check_learning_teacher_supported(accelerator: Any) -> None:
     state = getattr(accelerator, "state", None)
     if getattr(state, "fsdp_plugin", None) is not None:
         raise NotImplementedError(
-            "Training the teacher under FSDP is not supported yet. Use DDP (torchrun / accelerate launch without "
-            "an FSDP config), a LoRA teacher to fit memory, or DistillationTrainer with a frozen teacher (which "
-            "FSDP supports)."
+            "Training the teacher under FSDP is not supported yet: the teacher's update takes gradients with "
+            "torch.autograd.grad and averages them across ranks with all-reduces of whole tensors, which FSDP's "
+            "sharded parameters do not take part in, and it would need the teacher whole on every rank. Use DDP "
+            "(torchrun / accelerate launch without an FSDP config), a LoRA teacher to fit memory, or "
+            "DistillationTrainer with a frozen teacher (which FSDP2 shards like the student)."
         )
     plugin = getattr(state, "deepspeed_plugin", None)
     if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
         raise NotImplementedError(
-            "Training the teacher under DeepSpeed ZeRO-3 is not supported yet. Use ZeRO stage 1 or 2, DDP, a "
-            "LoRA teacher to fit memory, or DistillationTrainer with a frozen teacher (which ZeRO-3 supports)."
+            "Training the teacher under DeepSpeed ZeRO-3 is not supported yet: the meta and LGTM updates read and "
+            "perturb the student's weights outside its forward, where ZeRO-3 holds only each rank's partition "
+            "(online distillation shares their teacher update and is refused with them until it is tested). "
+            "Use ZeRO stage 1 or 2, DDP, a LoRA teacher to fit memory, or DistillationTrainer with a frozen "
+            "teacher (which ZeRO-3 shards in an inference engine)."
         )
 
 

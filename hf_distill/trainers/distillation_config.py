@@ -10,8 +10,10 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ..distributed import no_pin_memory_without_accelerator
+from ..losses.chunked import check_loss_chunk_size
 from ..losses.objectives import DISTILL_LOSSES, registered_distill_losses
 from ..losses.representation import ATTENTION_LOSSES, CRD_POOLINGS, HIDDEN_LOSSES, POOLINGS, parse_layer_map
+from ..losses.sparse import TOPK_TAILS
 from ..safety.nonfinite import NONFINITE_POLICIES
 from ..safety.redaction import RedactedSecretsMixin
 from ..safety.validation import check_finite, check_integer
@@ -34,6 +36,10 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
             β of the generalized JSD (distill_loss='jsd'): 0 is forward KL, 1 is reverse KL.
         dist_intra_weight (`float`, defaults to `1.0`):
             Weight of the intra-class (across the batch) term of distill_loss='dist'.
+        topk_tail (`str`, defaults to `'renormalize'`):
+            Training data from a top-k teacher cache: renormalize (KL over the teacher's K tokens, both
+            distributions renormalised over them; any temperature) or bucket (the K tokens plus one bucket for
+            the rest, for both models; temperature 1 only).
         scale_by_temperature_squared (`bool`, defaults to `True`):
             Multiply kl/reverse_kl/jsd/dist by τ² so gradients keep their scale across τ.
         teacher_weights (`list[float] | None`, defaults to `None`):
@@ -49,12 +55,20 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         allow_untrained_teacher_head (`bool`, defaults to `False`):
             Accept a teacher path or Hub id whose task head is missing from the checkpoint (initialised at
             random); by default that is an error, since such a teacher is not fine-tuned on the task.
+        allow_partial_checkpoint (`bool`, defaults to `False`):
+            Resume from a checkpoint whose save did not finish or that lost its optimizer or schedule state
+            (they then start afresh, with a warning). Off: such a checkpoint is refused, naming the newest
+            complete one.
         nonfinite (`str`, defaults to `'error'`):
             What a NaN or infinite loss, logits, gradient or influence weight does: error (stop, naming the step,
             the quantity and the first non-finite weight) or skip (skip both models' updates for that step and
             count it in the logs as nonfinite_skipped_steps).
         max_consecutive_nonfinite_skips (`int`, defaults to `5`):
             With nonfinite='skip', stop with an error after this many skipped steps in a row.
+        loss_chunk_size (`int | None`, defaults to `None`):
+            Causal language models: compute the token-level distillation and task losses from the last hidden
+            states, this many token positions at a time, never forming the full (tokens × vocabulary) logits
+            (same loss and gradients; for large vocabularies). None computes them from the full logits.
         hidden_distill_weight (`float`, defaults to `0.0`):
             Weight of the hidden-state (PKD) term added to the student's loss (0 turns it off); see
             https://hf-distill.readthedocs.io/representation/.
@@ -114,6 +128,15 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         default=1.0,
         metadata={"help": "Weight of the intra-class (across the batch) term of distill_loss='dist'."},
     )
+    topk_tail: str = field(
+        default="renormalize",
+        metadata={
+            "help": "Training data from a top-k teacher cache: renormalize (KL over the teacher's K tokens, both "
+            "distributions renormalised over them; any temperature) or bucket (the K tokens plus one bucket for "
+            "the rest, for both models; temperature 1 only).",
+            "choices": TOPK_TAILS,
+        },
+    )
     scale_by_temperature_squared: bool = field(
         default=True,
         metadata={"help": "Multiply kl/reverse_kl/jsd/dist by τ² so gradients keep their scale across τ."},
@@ -145,6 +168,14 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
             "at random); by default that is an error, since such a teacher is not fine-tuned on the task."
         },
     )
+    allow_partial_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint whose save did not finish (no checkpoint_manifest.json) or that lost "
+            "its optimizer.pt or scheduler.pt (the optimizer or schedule then start afresh, with a warning). "
+            "Off: such a checkpoint is refused, naming the newest complete one."
+        },
+    )
     nonfinite: str = field(
         default="error",
         metadata={
@@ -158,6 +189,14 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         default=5,
         metadata={
             "help": "With nonfinite='skip', stop with an error after this many skipped steps in a row."
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Causal language models: compute the token-level distillation and task losses from the last "
+            "hidden states, this many token positions at a time, never forming the full (tokens × vocabulary) "
+            "logits (same loss and gradients; for large vocabularies). None computes them from the full logits."
         },
     )
 
@@ -238,6 +277,8 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
         check_finite(
             "alpha", self.alpha, 0, 1, hint="It weights the distillation term and 1 - alpha the task loss."
         )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            check_integer(name, getattr(self, name), 1, hint="It is the number of rows per device and step.")
         if self.distill_loss not in registered_distill_losses():
             raise ValueError(
                 f"distill_loss={self.distill_loss!r} is unknown; choose one of {registered_distill_losses()}, "
@@ -245,6 +286,10 @@ class DistillationTrainingArguments(RedactedSecretsMixin, TrainingArguments):
             )
         check_finite("jsd_beta", self.jsd_beta, 0, 1, hint="0 is forward KL, 1 reverse KL.")
         check_finite("dist_intra_weight", self.dist_intra_weight, 0)
+        if self.topk_tail not in TOPK_TAILS:
+            raise ValueError(f"topk_tail={self.topk_tail!r} is unknown; choose one of {TOPK_TAILS}.")
+        if self.loss_chunk_size is not None:
+            self.loss_chunk_size = check_loss_chunk_size(self)
         check_finite("learning_rate", self.learning_rate, 0, hint="The student's, e.g. 5e-5.")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={self.nonfinite!r} is unknown; choose one of {NONFINITE_POLICIES}.")

@@ -7,7 +7,6 @@ learns (`LearningTeacherTrainer`) extend `teacher_targets`; saving and publishin
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,23 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..data.batch import ROW_ID, TEACHER_LOGITS, TEACHER_PREFIX, DistillationBatch, dataset_columns
 from ..data.collators import DistillationDataCollator, default_student_collator
-from ..data.dataset_checks import check_input_lengths_for, check_labels_for, evaluation_sets, is_regression
-from ..data.label_checks import check_not_empty
-from ..distributed import all_reduce_mean, unwrap_model
+from ..data.dataset_checks import is_regression
+from ..distributed import all_reduce_mean
+from ..losses.chunked import ChunkedTokenLoss
 from ..losses.objectives import DistillationObjective, aligned_logits, ensemble_teacher_logits, logit_mse
 from ..losses.representation import RepresentationHeads
 from ..losses.representation_term import RepresentationTerm, TeacherFeatures, load_heads, save_heads
 from ..publishing.hub import StudentPublishingMixin, teacher_source
 from ..safety.collapse import warn_if_collapsed
 from ..safety.nonfinite import NonFiniteCallback, NonFiniteMonitor, check_finite_weights
-from ..safety.run_lock import output_dir_lock
 from ..teacher.loading import (
     CAUSAL_LM,
-    SEQUENCE_CLASSIFICATION,
     TOKEN_LEVEL_TASKS,
     check_teacher_student_compatible,
     forward_arg_names,
@@ -40,9 +36,14 @@ from ..teacher.loading import (
     prepare_frozen_teacher,
     task_type,
 )
+from .checkpointing import VerifiedCheckpointsMixin
+from .data_checks import TrainingDataChecksMixin
 from .distillation_config import DistillationTrainingArguments
-
-LABEL_COLUMNS = ("label", "labels", "label_ids")
+from .topk_targets import (
+    TEACHER_TOPK_COLUMNS,
+    TopKTeacherTargets,
+    topk_distillation_term,
+)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class TeacherTargets:
     features: TeacherFeatures | None = None
 
 
-class DistillationTrainer(StudentPublishingMixin, Trainer):
+class DistillationTrainer(VerifiedCheckpointsMixin, TrainingDataChecksMixin, StudentPublishingMixin, Trainer):
     """`Trainer` that distils a frozen teacher (or several) into ``model``.
 
     ``DistillationTrainer(model=student, teacher_model=teacher, args=DistillationTrainingArguments(...), ...)``;
@@ -136,9 +137,13 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         self.nonfinite = NonFiniteMonitor(args.nonfinite, args.max_consecutive_nonfinite_skips)
         self.nonfinite.models = {"student": [self.model], "teacher": self.teacher_models}
         self.add_callback(NonFiniteCallback(self.nonfinite, reduce=lambda t: all_reduce_mean([t])[0]))
+        self._skipped_at_last_log = 0
         self._check_teacher_inputs(self.train_dataset)
         self._check_labels(self.train_dataset)
+        self._check_a_batch_fits(self.train_dataset)
         self.representation: RepresentationTerm | None = self._build_representation_term()
+        custom_targets = type(self).teacher_targets is not DistillationTrainer.teacher_targets
+        self.chunked_loss = ChunkedTokenLoss.for_trainer(self, custom_targets)  # None without loss_chunk_size
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names + [self.method_name])
 
@@ -181,70 +186,10 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         # The one place Trainer decides which dataset columns survive `remove_unused_columns`; the teacher's
         # inputs, cached logits and row ids must survive too.
         super()._set_signature_columns_if_needed()
-        extra = [TEACHER_LOGITS, ROW_ID]
+        extra = [TEACHER_LOGITS, *TEACHER_TOPK_COLUMNS, ROW_ID]
         for names in getattr(self, "_teacher_arg_names", []):
             extra += [TEACHER_PREFIX + n for n in names]
         self._signature_columns = list(dict.fromkeys(self._signature_columns + extra))
-
-    def _teachers_need_own_inputs(self) -> list[int]:
-        """Positions of teachers whose vocabulary differs from the student's."""
-        student_config = getattr(unwrap_model(self.model), "config", None)
-        student_vocab = getattr(student_config, "vocab_size", None)
-        differing = []
-        for position, teacher in enumerate(self.teacher_models):
-            teacher_vocab = getattr(getattr(unwrap_model(teacher), "config", None), "vocab_size", None)
-            if teacher_vocab is not None and student_vocab is not None and teacher_vocab != student_vocab:
-                differing.append(position)
-        if (
-            not differing
-            and isinstance(self.teacher_processing_class, PreTrainedTokenizerBase)
-            and isinstance(self.processing_class, PreTrainedTokenizerBase)
-            and self.teacher_processing_class.get_vocab() != self.processing_class.get_vocab()
-        ):
-            differing = list(range(len(self.teacher_models)))
-        return differing
-
-    def _check_teacher_inputs(self, dataset: Any) -> None:
-        columns = dataset_columns(dataset)
-        if not columns or TEACHER_LOGITS in columns:
-            return
-        has_teacher_inputs = any(c.startswith(TEACHER_PREFIX) for c in columns)
-        if has_teacher_inputs and self._token_level:
-            raise ValueError(
-                "teacher_ input columns (a teacher with its own tokenizer) cannot be used for token-level tasks: "
-                "the two tokenisations do not align position by position. Use a teacher that shares the "
-                "student's tokenizer."
-            )
-        differing = self._teachers_need_own_inputs()
-        if differing and not has_teacher_inputs:
-            raise ValueError(
-                f"Teacher(s) {differing} and the student have different vocabularies, and the training data has "
-                "no teacher_ input columns, so the teacher would read the student's token ids as its own. "
-                "Tokenise the text for the teacher with hf_distill.add_teacher_inputs(dataset, teacher_tokenizer, "
-                "text_columns) and pass teacher_processing_class=teacher_tokenizer, or cache the teacher's logits "
-                "with hf_distill.cache_teacher_logits."
-            )
-
-    def _check_labels(self, dataset: Any) -> None:
-        check_not_empty(dataset, "training set (train_dataset)", "Pass a dataset with rows.")
-        for data, description in [(dataset, "training"), *evaluation_sets(self.eval_dataset)]:
-            self.check_dataset(data, description)
-        columns = dataset_columns(dataset)
-        if not columns or self.args.alpha == 1.0 or self._student_task not in (SEQUENCE_CLASSIFICATION, None):
-            return  # language-model labels are often made by the collator: checked per batch instead
-        if not any(c in columns for c in (*LABEL_COLUMNS, *self.label_names)):
-            raise ValueError(
-                f"The training data has no label column (looked for {LABEL_COLUMNS}), but alpha={self.args.alpha} "
-                "gives the task loss a weight of 1 - alpha. Add a 'label' column, or set alpha=1.0 to distil "
-                "from the teacher alone."
-            )
-
-    def check_dataset(self, dataset: Any, description: str) -> None:
-        """Refuse, before training, data the models cannot read: labels of the wrong kind or out of range for
-        the student's head, rows longer than a model's position limit. Every dataset the trainer reads
-        (training, evaluation, quiz) goes through it."""
-        check_labels_for(self.model, dataset, description, self.label_names)
-        check_input_lengths_for(self.model, self.teacher_models, dataset, description)
 
     # ----- representation distillation (hidden states, attention maps, CRD) -----------------------------------
 
@@ -285,39 +230,17 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             self.representation.add_to_optimizer(optimizer, self.args.learning_rate, self.args.max_grad_norm)
         return optimizer
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        # Written before Trainer rotates old checkpoints away (as the learning teacher's state).
-        if self.args.should_save and self.representation is not None and self.representation.has_state:
-            save_heads(self._checkpoint_folder(trial), self.representation.heads)
-        super()._save_checkpoint(model, trial)
+    def save_checkpoint_state(self, folder: str) -> None:
+        """The run's arguments and the representation heads; trainers whose teacher learns add its state."""
+        super().save_checkpoint_state(folder)
+        if self.representation is not None and self.representation.has_state:
+            save_heads(folder, self.representation.heads)
 
-    def _checkpoint_folder(self, trial: Any) -> str:
-        """The folder `Trainer._save_checkpoint` is about to write."""
-        return os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-
-    def resume_checkpoint_folder(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        """The checkpoint ``train(resume_from_checkpoint=...)`` resumes from (``True``: the last one in
-        ``output_dir``), or ``None`` for a fresh run."""
-        if resume_from_checkpoint is True:
-            folder = get_last_checkpoint(self.args.output_dir)
-            if folder is None:
-                raise ValueError(f"No checkpoint found in output_dir {self.args.output_dir} to resume from.")
-            return folder
-        if resume_from_checkpoint in (None, False, ""):
-            return None
-        return os.fspath(resume_from_checkpoint)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, holding ``output_dir``'s run lock (a second live run there is refused) and
-        restoring the representation heads (``distill_heads.safetensors``) on resume."""
-        with output_dir_lock(self.args.output_dir, enabled=self.is_world_process_zero()):
-            if self.representation is not None and self.representation.has_state:
-                folder = self.resume_checkpoint_folder(resume_from_checkpoint)
-                if folder is not None:
-                    load_heads(folder, self.representation.heads)
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+    def restore_checkpoint_state(self, folder: str) -> None:
+        """The representation heads, before `Trainer.train` resumes from ``folder``."""
+        super().restore_checkpoint_state(folder)
+        if self.representation is not None and self.representation.has_state:
+            load_heads(folder, self.representation.heads)
 
     # ----- the loss -----------------------------------------------------------------------------------------
 
@@ -347,6 +270,12 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             return super().compute_loss(
                 model, batch.student, return_outputs=return_outputs, num_items_in_batch=task_items
             )
+        if self.chunked_loss is not None:  # from hidden states, a chunk of positions at a time
+            loss, parts = self.chunked_loss(model, batch, task_items)
+            for name, value in parts.items():
+                self._record(name, value)
+            self.nonfinite.watch("student's loss", loss, "student")
+            return (loss, None) if return_outputs else loss
         student = self._student_forward(model, batch.student, task_items)
         targets = self.teacher_targets(model, batch, student)
         distill, distill_for_log = self.distillation_term(
@@ -405,6 +334,8 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
 
         Called between the student's forward and its loss; trainers whose teacher learns step it here first.
         """
+        if batch.cached_teacher_topk is not None:  # a top-k cache, read by distillation_term's sparse loss
+            return TeacherTargets(batch.cached_teacher_topk)
         if batch.cached_teacher_logits is None:
             return self.computed_teacher_targets(batch)
         if self.representation is not None:
@@ -492,6 +423,10 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The distillation loss for the backward pass, and its per-position mean for the logs."""
+        if isinstance(teacher_logits, TopKTeacherTargets):  # a top-k cache: the sparse forward KL
+            return topk_distillation_term(
+                self, student_logits, teacher_logits, student_inputs, num_items_in_batch
+            )
         if self._is_regression():
             # A regression head has no distribution to soften: match the teacher's prediction.
             loss = logit_mse(student_logits, teacher_logits.to(student_logits.device))
@@ -548,4 +483,16 @@ class DistillationTrainer(StudentPublishingMixin, Trainer):
             self._logged_components.clear()
         if "loss" in logs:
             logs.update(self.nonfinite.log_values())
+            if self.nonfinite.skipped_steps > self._skipped_at_last_log:
+                # Trainer counts a skipped step's loss as 0 (or the window's mean so far): never a perfect step.
+                logs["loss"] = float("nan")
+            self._skipped_at_last_log = self.nonfinite.skipped_steps
         super().log(logs, start_time)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # The student's gradient norm, which Trainer computes before every optimizer step anyway: a NaN or
+        # infinite gradient from a finite loss is caught there (one more value in the step's check, no new pass).
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if norm is not None:
+            self.nonfinite.watch("student's gradient", torch.as_tensor(norm, dtype=torch.float32), "student")
+        return norm

@@ -8,8 +8,9 @@ Each method implements one hook, `teacher_step`, which the base calls once per o
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,15 @@ from ..distributed import (
 from ..losses.objectives import online_teacher_loss
 from ..publishing.hub import TeacherPublishingMixin
 from ..safety.collapse import warn_if_collapsed
-from ..teacher.checkpoint import load_teacher_optimizer_state, load_teacher_weights, save_teacher_state
+from ..safety.resume_changes import resume_with_changed_arguments
+from ..teacher.checkpoint import (
+    TEACHER_CHECKPOINT_DIR,
+    TEACHER_OPTIMIZER_NAME,
+    TEACHER_SCHEDULER_NAME,
+    load_teacher_optimizer_state,
+    load_teacher_weights,
+    save_teacher_state,
+)
 from ..teacher.optimizer import (
     check_learning_teacher_supported,
     check_teacher_can_learn,
@@ -115,6 +124,14 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
                 load_teacher_optimizer_state(
                     self._resume_checkpoint, self.teacher_optimizer, self.teacher_lr_scheduler
                 )
+                resume_with_changed_arguments(
+                    self._resume_checkpoint,
+                    self.args.to_dict(),
+                    self.teacher_optimizer,
+                    self.teacher_lr_scheduler,
+                    self.decay_parameters(teacher),
+                    role="teacher",
+                )
         return scheduler
 
     # ----- one optimisation step ------------------------------------------------------------------------------
@@ -185,9 +202,25 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
             "teacher_learning_rate",
             torch.tensor(self.teacher_lr_scheduler.get_last_lr()[0], dtype=torch.float32),
         )
+        undo = self._teacher_update_undo(params) if self.nonfinite.policy == "skip" else None
         self.teacher_optimizer.step()
+        self.nonfinite.mark_updated("teacher", undo)
         self.teacher_lr_scheduler.step()
         self.teacher_optimizer.zero_grad(set_to_none=True)
+
+    def _teacher_update_undo(self, params: list[nn.Parameter]) -> Callable[[], None]:
+        """How to take back the teacher's coming update, should a later value of the step be non-finite: a
+        copy of its trainable weights and optimizer state (kept only under ``nonfinite="skip"``)."""
+        weights = [p.detach().clone() for p in params]
+        state = copy.deepcopy(self.teacher_optimizer.state_dict())
+
+        def undo() -> None:
+            with torch.no_grad():
+                for param, saved in zip(params, weights, strict=True):
+                    param.copy_(saved)
+            self.teacher_optimizer.load_state_dict(state)
+
+        return undo
 
     def online_teacher_objective(
         self,
@@ -215,29 +248,34 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
 
     # ----- checkpoints and resume -------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        # No public hook runs before Trainer rotates old checkpoints away: the teacher must be in the new
-        # checkpoint by then, or a crash could leave no checkpoint with a teacher.
-        if self.args.should_save and self.teacher_optimizer is not None:
+    def save_checkpoint_state(self, folder: str) -> None:
+        """The representation heads, and the teacher's weights, optimizer and schedule (``teacher/``)."""
+        super().save_checkpoint_state(folder)
+        if self.teacher_optimizer is not None:
             save_teacher_state(
-                self._checkpoint_folder(trial),
-                self.teacher_models[0],
-                self.teacher_optimizer,
-                self.teacher_lr_scheduler,
+                folder, self.teacher_models[0], self.teacher_optimizer, self.teacher_lr_scheduler
             )
-        super()._save_checkpoint(model, trial)
+
+    def restore_checkpoint_state(self, folder: str) -> None:
+        """The teacher's weights now; its optimizer and schedule once they are built for this run."""
+        super().restore_checkpoint_state(folder)
+        allow_partial = self.args.allow_partial_teacher_checkpoint or self.args.allow_partial_checkpoint
+        load_teacher_weights(folder, self.teacher_models[0], allow_partial=allow_partial)
+        self._resume_checkpoint = folder
+
+    def optional_checkpoint_files(self) -> tuple[str, ...]:
+        if not self.args.allow_partial_teacher_checkpoint:
+            return ()
+        return (
+            f"{TEACHER_CHECKPOINT_DIR}/{TEACHER_OPTIMIZER_NAME}",
+            f"{TEACHER_CHECKPOINT_DIR}/{TEACHER_SCHEDULER_NAME}",
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, also restoring the teacher, its optimizer and its scheduler when resuming."""
-        folder = self.resume_checkpoint_folder(resume_from_checkpoint)
-        if folder is not None:
-            load_teacher_weights(
-                folder, self.teacher_models[0], allow_partial=self.args.allow_partial_teacher_checkpoint
-            )
-            self._resume_checkpoint = folder
         self.teacher_optimizer, self.teacher_lr_scheduler = None, None  # rebuilt for this run's length
         try:
-            return super().train(folder or resume_from_checkpoint, *args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._resume_checkpoint = None
             self._step_batches = []

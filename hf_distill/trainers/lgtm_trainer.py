@@ -13,6 +13,9 @@ One optimisation step:
 4. the student's real step on its loss against the updated teacher (done by the base trainer); with
    ``lgtm_student_targets="pre_update"`` the real step is the lookahead's own gradient instead (the teacher
    before its update taught it), which saves one teacher forward and one student backward per step.
+
+Under gradient accumulation (``updated`` targets) the step's micro-batches are one batch to steps 1–3: the
+lookahead sums their gradients, and every row of the step gets its influence.
 """
 
 from __future__ import annotations
@@ -81,9 +84,12 @@ class LGTMTrainer(QuizDistillTrainer):
                 "is carved from these rows. Add a 'label' column (or use OnlineDistillTrainer with alpha=1.0 and "
                 "teacher_alpha=1.0 to distil without labels)."
             )
-        self._refuse_gradient_accumulation(
-            "lookahead is one student step on one batch", "raise per_device_train_batch_size instead"
-        )
+        if self.args.lgtm_student_targets == "pre_update":
+            self._refuse_gradient_accumulation(
+                "lgtm_student_targets='pre_update' steps the teacher from the student's gradient right after the "
+                "backward of the micro-batch whose teacher forward it reuses",
+                "or lgtm_student_targets='updated', which supports accumulation",
+            )
         if self.args.lgtm_student_targets == "pre_update" and self.args.fp16:
             raise ValueError(
                 "lgtm_student_targets='pre_update' reads the student's gradient after the backward, which fp16 "
@@ -164,9 +170,10 @@ class LGTMTrainer(QuizDistillTrainer):
         if (
             self.args.lgtm_student_targets == "updated"
             and record is not None
-            and record["teacher_gold_prob"] is None
+            and _rows_without_teacher_prob(record)
             and batch.labels is not None
-        ):  # the record's teacher column: the soft labels the student's real step learns from
+        ):  # the record's teacher column: the soft labels the student's real step learns from, one micro-batch
+            # at a time under gradient accumulation
             self._store_influence(record, targets.logits, batch.labels)
         return targets
 
@@ -179,7 +186,9 @@ class LGTMTrainer(QuizDistillTrainer):
         """Keep a step's influence record as ``latest_influence`` (the one place it is set), its teacher
         column from ``soft_labels``, the logits the student's real step learns from, once they are known."""
         if record is not None and soft_labels is not None:
-            record = {**record, "teacher_gold_prob": _gold_prob(soft_labels, labels)}
+            known = record["teacher_gold_prob"]
+            new = _gold_prob(soft_labels, labels)
+            record = {**record, "teacher_gold_prob": new if known is None else torch.cat([known, new])}
         self.latest_influence = record
 
     def _teacher_logits_with_graph(self, batch: DistillationBatch) -> torch.Tensor:
@@ -202,22 +211,31 @@ class LGTMTrainer(QuizDistillTrainer):
     ) -> dict[str, Any]:
         """Steps 1–3 of the LGTM step and the teacher's optimizer step; returns the step's `influence_record`.
 
-        Faithful (the default call): the lookahead runs its own student forward, whose graph its gradient
-        frees. pre_update passes the step's detached ``student_logits`` with ``student_grads``, the gradient of
-        the student's loss at the current teacher (averaged across ranks), and ``teacher_logits``, the teacher's
-        forward with its graph (run here when None).
+        Faithful (the default call): the lookahead runs its own student forwards, one micro-batch at a time
+        (each graph freed by its gradient), over every micro-batch of the step (``batch.step_batches``): the
+        step's g micro-batches of b rows are one batch of g·b rows to the lookahead, the influence and the
+        teacher's loss. pre_update passes the step's detached ``student_logits`` with ``student_grads``, the
+        gradient of the student's loss at the current teacher (averaged across ranks), and
+        ``teacher_logits``, the teacher's forward with its graph (run here when None).
         """
         batch = DistillationBatch.from_collated(inputs)
+        micro_batches = self.step_micro_batches(batch) if student_grads is None else [batch]
         student = self.accelerator.unwrap_model(model)
         names, params = zip(*trainable_parameters(student).items(), strict=True)
-        if teacher_logits is None:
-            teacher_logits = self._teacher_logits_with_graph(batch)
+        # The teacher's forward of each micro-batch, with its graph until the teacher's backward.
+        teacher_chunks = (
+            [self._teacher_logits_with_graph(b) for b in micro_batches]
+            if teacher_logits is None
+            else [teacher_logits]
+        )
+        teacher_logits = teacher_chunks[0] if len(teacher_chunks) == 1 else torch.cat(teacher_chunks)
+        rows = _joined_rows(micro_batches)
 
         # 1. Lookahead: the student's gradient at the current teacher.
         with record_function("lgtm.lookahead"):
             if student_grads is None:
                 student_logits, student_grads = self._lookahead_gradient(
-                    student, params, batch, teacher_logits
+                    student, params, micro_batches, teacher_chunks
                 )
             elif student_logits is None:
                 raise ValueError(
@@ -242,13 +260,13 @@ class LGTMTrainer(QuizDistillTrainer):
                 del lookahead_params  # θs' is done with once v exists
                 # 3. Per-sample influence; the meta-gradient form keeps the graph to the teacher's logits.
                 weights_form = self.args.influence_form == "sample_weights"
-                weights = self._influence_weights(
-                    student,
-                    names,
-                    params,
-                    batch.features,
-                    teacher_logits.detach() if weights_form else teacher_logits,
-                    direction,
+                weights = torch.cat(
+                    [
+                        self._influence_weights(
+                            student, names, params, b.features, t.detach() if weights_form else t, direction
+                        )
+                        for b, t in zip(micro_batches, teacher_chunks, strict=True)
+                    ]
                 )
                 self.nonfinite.watch("influence weights", weights, "student")
             finally:
@@ -259,14 +277,14 @@ class LGTMTrainer(QuizDistillTrainer):
         with record_function("lgtm.teacher_backward_and_step"):
             if weights_form:
                 sample_weights = influence_sample_weights(weights, self.args.influence_weight_beta)
-                self._teacher_backward(teacher_logits, student_logits, batch.labels, None, sample_weights)
+                self._teacher_backward(teacher_logits, student_logits, rows.labels, None, sample_weights)
                 self._record_sample_weights(sample_weights)
                 scale = None
             else:
-                scale = self._teacher_backward(teacher_logits, student_logits, batch.labels, weights.mean())
+                scale = self._teacher_backward(teacher_logits, student_logits, rows.labels, weights.mean())
             self.teacher_optimizer_step()
         self._log_influence(weights, quiz_loss, scale)
-        return self.influence_record(weights, batch, student_logits)
+        return self.influence_record(weights, rows, student_logits)
 
     def _influence_scale(self) -> float:
         """λ: ``influence_scale``, or the teacher's current learning rate (the reference's choice)."""
@@ -280,17 +298,25 @@ class LGTMTrainer(QuizDistillTrainer):
         self,
         student: nn.Module,
         params: tuple[torch.Tensor, ...],
-        batch: DistillationBatch,
-        teacher_logits: torch.Tensor,
+        micro_batches: list[DistillationBatch],
+        teacher_logits: list[torch.Tensor],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The student's (detached) logits and its loss's gradient at the current teacher, averaged over ranks.
 
-        The unwrapped student: DDP's reducer is not involved, the gradient is averaged here.
+        Over the step's micro-batches, one forward and backward at a time, each loss weighted as Trainer
+        weights it in the student's real step. The unwrapped student: DDP's reducer is not involved, the
+        gradient is averaged here.
         """
-        student_logits = student(**batch.features).logits
-        lookahead_loss = self._student_objective(student_logits, teacher_logits.detach(), batch.labels)
-        grads = torch.autograd.grad(lookahead_loss, params, allow_unused=True)
-        return student_logits.detach(), all_reduce_mean(zeros_for_missing(grads, params))
+        weight = self.micro_batch_loss_weight(None, len(micro_batches))
+        logits, total = [], None
+        for batch, teacher_chunk in zip(micro_batches, teacher_logits, strict=True):
+            student_logits = student(**batch.features).logits
+            loss = self._student_objective(student_logits, teacher_chunk.detach(), batch.labels)
+            grads = zeros_for_missing(torch.autograd.grad(loss * weight, params, allow_unused=True), params)
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+            logits.append(student_logits.detach())
+        joined = logits[0] if len(logits) == 1 else torch.cat(logits)
+        return joined, all_reduce_mean(total)
 
     def _influence_weights(
         self,
@@ -485,6 +511,23 @@ def _functional_logits(
     student: nn.Module, names: tuple[str, ...], values: Any, features: dict[str, Any]
 ) -> torch.Tensor:
     return functional_call(student, dict(zip(names, values, strict=True)), kwargs=features).logits
+
+
+def _joined_rows(micro_batches: list[DistillationBatch]) -> DistillationBatch:
+    """The labels and row ids of the step's micro-batches as one batch (the first micro-batch when alone)."""
+    if len(micro_batches) == 1:
+        return micro_batches[0]
+    row_ids = [b.row_ids for b in micro_batches]
+    return DistillationBatch(
+        {"labels": torch.cat([b.labels for b in micro_batches])},
+        row_ids=None if any(r is None for r in row_ids) else torch.cat(row_ids),
+    )
+
+
+def _rows_without_teacher_prob(record: dict[str, Any]) -> bool:
+    """Whether some rows of an influence record still lack their teacher's gold-label probability."""
+    known = record["teacher_gold_prob"]
+    return known is None or known.shape[0] < record["influence"].shape[0]
 
 
 def _gold_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,17 @@ One optimisation step (every ``meta_every``-th step for the teacher part):
    parameters: no copy of the student), back-propagated through the pilot into the teacher (second order),
    plus ``teacher_task_weight`` times the teacher's own task loss; the teacher steps;
 3. θs' is dropped, and the student makes its real step against the updated teacher (the base trainer).
+
+Under gradient accumulation the step's micro-batches are the pilot's batch: its gradient is their sum, each
+weighted as in the student's real step, taken one micro-batch at a time (a first-order pass for θs', then a
+replay of each micro-batch's forward for its share of the meta-gradient).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,10 +55,6 @@ class MetaDistillTrainer(QuizDistillTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._refuse_gradient_accumulation(
-            "pilot update is one student step on one batch, whose graph is kept for the second-order gradient",
-            "raise per_device_train_batch_size, or lower it and turn on activation_checkpointing to fit memory",
-        )
         check_second_order_support(self.model, self.teacher_models[0], self.args)
 
     @classmethod
@@ -99,50 +102,145 @@ class MetaDistillTrainer(QuizDistillTrainer):
     ) -> None:
         """Steps 1–2: the pilot, the quiz loss at θs', its gradient in the teacher, and the teacher's step.
 
-        ``student`` is the step's own student forward, whose logits (and task loss) still carry its graph: the
-        pilot gradient is taken through it, so the step costs no extra student forward on the training batch,
-        and the graph stays for the real step's backward.
+        ``student`` is the step's own student forward, whose logits (and task loss) still carry its graph:
+        without accumulation the pilot gradient is taken through it, so the step costs no extra student
+        forward on the training batch, and the graph stays for the real step's backward. Under accumulation
+        the pilot covers every micro-batch of the step (`_meta_gradient_over_micro_batches`).
         """
-        args = self.args
         unwrapped = self.accelerator.unwrap_model(model)
         names, params = zip(*trainable_parameters(unwrapped).items(), strict=True)
         teacher = self.teacher_models[0]
         teacher.train()
         teacher_params = list(trainable_parameters(teacher).values())
-
+        micro_batches = self.step_micro_batches(batch)
         with explain_second_order_errors():
-            teacher_outputs = self._teacher_outputs_with_graph(batch)
+            if len(micro_batches) == 1:
+                result = self._meta_gradient_of_batch(
+                    unwrapped, names, params, teacher_params, batch, student
+                )
+            else:
+                result = self._meta_gradient_over_micro_batches(
+                    unwrapped, names, params, teacher_params, micro_batches, student.task_items
+                )
 
-            # 1. Pilot: the student's own loss at the current teacher, its gradient with the graph kept.
-            distill, _ = self.distillation_term(
-                student.logits, teacher_outputs.logits, batch.student, student.task_items
-            )
-            pilot_loss = self.student_loss(distill, student.task_loss)
-            grads = torch.autograd.grad(pilot_loss, params, create_graph=True, allow_unused=True)
-            grads, pilot_norm = self._global_pilot_gradient(zeros_for_missing(grads, params))
-            self.nonfinite.watch("teacher's logits", teacher_outputs.logits, "teacher")
-            self.nonfinite.watch("pilot gradient", pilot_norm, "student")
-            pilot = pilot_step(params, grads, args.pilot_learning_rate)
-
-            # 2. The quiz loss at θs' and v = ∂Q/∂θs' (first order, at detached copies of θs').
-            quiz_loss, quiz_grads = self._quiz_gradient(unwrapped, names, pilot)
-
-            # 3. Back into the teacher through the pilot, with its own task loss if asked for.
-            extra = []
-            if args.teacher_task_weight > 0:
-                extra.append((teacher_outputs.loss, args.teacher_task_weight))
-            teacher_grads = meta_gradient(pilot, quiz_grads, teacher_params, extra)
-        del grads, pilot, pilot_loss, distill, teacher_outputs
-
-        for p, g in zip(teacher_params, teacher_grads, strict=True):
+        for p, g in zip(teacher_params, result.teacher_grads, strict=True):
             if g is not None:
                 p.grad = g
         self.teacher_optimizer_step()
-        self._record("quiz_loss", quiz_loss)
-        self._record("pilot_grad_norm", pilot_norm)
-        self._record("quiz_grad_norm", global_norm(quiz_grads))
-        if extra:
-            self._record("teacher_task_loss", extra[0][0].detach())
+        self._record("quiz_loss", result.quiz_loss)
+        self._record("pilot_grad_norm", result.pilot_norm)
+        self._record("quiz_grad_norm", global_norm(result.quiz_grads))
+        if result.teacher_task_loss is not None:
+            self._record("teacher_task_loss", result.teacher_task_loss)
+
+    def _meta_gradient_of_batch(
+        self,
+        student_model: nn.Module,
+        names: tuple[str, ...],
+        params: tuple[torch.Tensor, ...],
+        teacher_params: list[torch.Tensor],
+        batch: DistillationBatch,
+        student: StudentForward,
+    ) -> _MetaGradient:
+        """The meta-gradient of one micro-batch, through the graph of the step's own student forward."""
+        args = self.args
+        teacher_outputs = self._teacher_outputs_with_graph(batch)
+
+        # 1. Pilot: the student's own loss at the current teacher, its gradient with the graph kept.
+        distill, _ = self.distillation_term(
+            student.logits, teacher_outputs.logits, batch.student, student.task_items
+        )
+        pilot_loss = self.student_loss(distill, student.task_loss)
+        grads = torch.autograd.grad(pilot_loss, params, create_graph=True, allow_unused=True)
+        grads, pilot_norm = self._global_pilot_gradient(zeros_for_missing(grads, params))
+        self.nonfinite.watch("teacher's logits", teacher_outputs.logits, "teacher")
+        self.nonfinite.watch("pilot gradient", pilot_norm, "student")
+        pilot = pilot_step(params, grads, args.pilot_learning_rate)
+
+        # 2. The quiz loss at θs' and v = ∂Q/∂θs' (first order, at detached copies of θs').
+        quiz_loss, quiz_grads = self._quiz_gradient(student_model, names, pilot)
+
+        # 3. Back into the teacher through the pilot, with its own task loss if asked for.
+        extra = []
+        if args.teacher_task_weight > 0:
+            extra.append((teacher_outputs.loss, args.teacher_task_weight))
+        teacher_grads = meta_gradient(pilot, quiz_grads, teacher_params, extra)
+        task_loss = teacher_outputs.loss.detach() if extra else None
+        return _MetaGradient(teacher_grads, quiz_loss, quiz_grads, pilot_norm, task_loss)
+
+    def _meta_gradient_over_micro_batches(
+        self,
+        student_model: nn.Module,
+        names: tuple[str, ...],
+        params: tuple[torch.Tensor, ...],
+        teacher_params: list[torch.Tensor],
+        micro_batches: list[DistillationBatch],
+        task_items: torch.Tensor | int | None,
+    ) -> _MetaGradient:
+        """The meta-gradient of the step's micro-batches taken together, one micro-batch's graph at a time.
+
+        The pilot gradient is the sum of the micro-batches' gradients, each loss weighted as Trainer weights
+        it in the student's real step, so θs' is the pilot of the step's whole batch. It is taken first order;
+        the meta-gradient ``−η (∂g/∂θt)ᵀ v`` is linear in g, so each micro-batch's share is then one double
+        backward through a replay of its forwards (same dropout masks), freed before the next.
+        """
+        args = self.args
+        weight = self.micro_batch_loss_weight(task_items, len(micro_batches))
+        device = params[0].device
+        # 1. Pilot, first order.
+        states, total = [], None
+        for batch in micro_batches:
+            states.append(_rng_state(device))
+            loss, _ = self._pilot_loss(student_model, batch, task_items, teacher_graph=False)
+            grads = zeros_for_missing(torch.autograd.grad(loss * weight, params, allow_unused=True), params)
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+        if is_distributed():
+            total = all_reduce_mean(total)
+        pilot_norm = global_norm(total)
+        self.nonfinite.watch("pilot gradient", pilot_norm, "student")
+        pilot = pilot_step([p.detach() for p in params], total, args.pilot_learning_rate)
+
+        # 2. The quiz loss at θs' and v.
+        quiz_loss, quiz_grads = self._quiz_gradient(student_model, names, pilot)
+        del pilot, total
+
+        # 3. Each micro-batch's share of the meta-gradient (and of the teacher's task loss).
+        teacher_grads: list[torch.Tensor | None] = [None] * len(teacher_params)
+        task_loss = None
+        for batch, state in zip(micro_batches, states, strict=True):
+            with _replayed_rng(state, device):
+                loss, teacher_outputs = self._pilot_loss(student_model, batch, task_items)
+            grads = torch.autograd.grad(loss * weight, params, create_graph=True, allow_unused=True)
+            share = pilot_step(params, zeros_for_missing(grads, params), args.pilot_learning_rate)
+            extra = []
+            if args.teacher_task_weight > 0:
+                extra.append((teacher_outputs.loss, args.teacher_task_weight / len(micro_batches)))
+                part = teacher_outputs.loss.detach() / len(micro_batches)
+                task_loss = part if task_loss is None else task_loss + part
+            grads_of_share = meta_gradient(share, quiz_grads, teacher_params, extra)
+            teacher_grads = [
+                b if a is None else a if b is None else a + b
+                for a, b in zip(teacher_grads, grads_of_share, strict=True)
+            ]
+            del loss, teacher_outputs, grads, share
+        return _MetaGradient(teacher_grads, quiz_loss, quiz_grads, pilot_norm, task_loss)
+
+    def _pilot_loss(
+        self,
+        student_model: nn.Module,
+        batch: DistillationBatch,
+        task_items: torch.Tensor | int | None,
+        teacher_graph: bool = True,
+    ) -> tuple[torch.Tensor, Any]:
+        """The student's loss on one micro-batch at the current teacher (as its real step computes it, from
+        its own forward), with the graph to the student (and to the teacher with ``teacher_graph``); and the
+        teacher's outputs."""
+        with torch.set_grad_enabled(teacher_graph):
+            teacher_outputs = self._teacher_outputs_with_graph(batch)
+        self.nonfinite.watch("teacher's logits", teacher_outputs.logits, "teacher")
+        student = self._student_forward(student_model, batch.student, task_items)
+        distill, _ = self.distillation_term(student.logits, teacher_outputs.logits, batch.student, task_items)
+        return self.student_loss(distill, student.task_loss), teacher_outputs
 
     # ----- pieces -----------------------------------------------------------------------------------------------
 
@@ -199,3 +297,32 @@ class MetaDistillTrainer(QuizDistillTrainer):
             return outputs.loss
 
         return self.quiz_gradient(student, names, pilot, quiz.student, task_loss)
+
+
+@dataclass
+class _MetaGradient:
+    """What one meta update computed: the teacher's gradient, the quiz loss and gradient, the pilot
+    gradient's norm and the teacher's task loss (None when it is not weighted)."""
+
+    teacher_grads: list[torch.Tensor | None]
+    quiz_loss: torch.Tensor
+    quiz_grads: list[torch.Tensor]
+    pilot_norm: torch.Tensor
+    teacher_task_loss: torch.Tensor | None
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random state a forward on ``device`` draws its dropout masks from (CPU, and CUDA when on it)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> Iterator[None]:
+    """Draw from ``state`` again (the same dropout masks), leaving the global random state as it was."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield

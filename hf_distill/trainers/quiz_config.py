@@ -17,7 +17,7 @@ class QuizDistillTrainingArguments(LearningTeacherTrainingArguments):
             Fraction of the training set held out as quiz data (stratified by label) when no quiz_dataset is
             given; those rows are not trained on.
         quiz_batch_size (`int | None`, defaults to `None`):
-            Quiz batch size per device (default: per_device_train_batch_size).
+            Quiz batch size per device (default: per_device_train_batch_size × gradient_accumulation_steps).
 
     Every argument of `LearningTeacherTrainingArguments` applies too.
     """
@@ -30,7 +30,10 @@ class QuizDistillTrainingArguments(LearningTeacherTrainingArguments):
         },
     )
     quiz_batch_size: int | None = field(
-        default=None, metadata={"help": "Quiz batch size per device (default: per_device_train_batch_size)."}
+        default=None,
+        metadata={
+            "help": "Quiz batch size per device (default: per_device_train_batch_size × gradient_accumulation_steps)."
+        },
     )
 
     def __post_init__(self) -> None:

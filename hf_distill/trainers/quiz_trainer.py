@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data.batch import ROW_ID, dataset_columns
+from ..data.batch import ROW_ID, DistillationBatch, dataset_columns
 from ..data.label_checks import check_not_empty, find_label_column
 from ..data.quiz import labelled_quiz, quiz_indices, split_quiz
 from ..distributed import all_reduce_mean, zeros_for_missing
@@ -75,7 +75,11 @@ class QuizDistillTrainer(LearningTeacherTrainer):
             raise ValueError(f"{type(self).__name__} needs quiz data: pass train_dataset (or quiz_dataset=).")
         self.quiz_dataset = self._remove_unused_columns(quiz_dataset, description="quiz")
         self.check_dataset(self.quiz_dataset, "quiz")
-        self._quiz_batch_size = self.args.quiz_batch_size or self.args.per_device_train_batch_size
+        # One quiz batch per optimisation step: by default as large as the step's training batch, so that
+        # g micro-batches of b rows make the step of one batch of g·b rows.
+        self._quiz_batch_size = self.args.quiz_batch_size or (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        )
 
     @classmethod
     def _default_args_class(cls) -> type[QuizDistillTrainingArguments]:
@@ -87,6 +91,21 @@ class QuizDistillTrainer(LearningTeacherTrainer):
             raise ValueError(
                 f"{type(self).__name__}'s {reason}: use gradient_accumulation_steps=1 ({advice})."
             )
+
+    def step_micro_batches(self, batch: DistillationBatch) -> list[DistillationBatch]:
+        """Every micro-batch of the optimisation step that ``batch`` (its first) starts, prepared and split."""
+        rest = batch.step_batches[1:] if batch.step_batches else []
+        return [batch] + [DistillationBatch.from_collated(self._prepare_inputs(b)) for b in rest]
+
+    def micro_batch_loss_weight(self, task_items: torch.Tensor | int | None, micro_batches: int) -> float:
+        """The factor Trainer applies to one micro-batch's loss in the step's total: ``1 / micro_batches`` for a
+        per-micro-batch mean, 1 for a loss already normalised by the step's ``num_items_in_batch``."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # token-level: Trainer's own rule
+            scaled = (
+                self.model_accepts_loss_kwargs and task_items is not None
+            ) or self.compute_loss_func is not None
+        return 1.0 if scaled else 1.0 / micro_batches
 
     def quiz_batch(self, step: int | None = None) -> dict[str, Any]:
         """The collated quiz batch of optimisation step ``step`` (default: the current one), on the device."""

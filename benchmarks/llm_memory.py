@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-GB = 1024**3
+GIB = 1024**3  # memory is reported in GiB
 VOCAB = 151_936
 
 
@@ -78,8 +78,8 @@ def memory_watchdog(min_free_gb: float) -> None:
 
     def watch() -> None:
         while True:
-            if psutil.virtual_memory().available < min_free_gb * GB:
-                print(f"aborted: less than {min_free_gb} GB of memory left on the machine", file=sys.stderr)
+            if psutil.virtual_memory().available < min_free_gb * GIB:
+                print(f"aborted: less than {min_free_gb} GiB of memory left on the machine", file=sys.stderr)
                 os._exit(3)
             time.sleep(0.05)
 
@@ -100,7 +100,7 @@ def build_cache(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "tokens": tokens,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
     }
 
 
@@ -135,8 +135,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *_args: Any, **_kwargs: Any) -> None:
-            record["rss_at_start_gb"] = psutil.Process().memory_info().rss / GB
-            record["maxrss_before_train_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+            record["rss_at_start_gb"] = psutil.Process().memory_info().rss / GIB
+            record["maxrss_before_train_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
         def on_step_begin(self, *_args: Any, **_kwargs: Any) -> None:
             record["begin"].append(time.perf_counter())
@@ -146,7 +146,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     trainer.add_callback(Timer())
     trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # ru_maxrss is in kB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is in kB on Linux
     times = [e - b for b, e in zip(record["begin"], record["end"], strict=True)][spec["warmup"] :]
     return {
         "step_s": statistics.median(times),
@@ -182,7 +182,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def available_gb() -> float:
     import psutil
 
-    return psutil.virtual_memory().available / GB
+    return psutil.virtual_memory().available / GIB
 
 
 def runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -243,7 +243,7 @@ def main() -> None:
             estimate = estimate_gb(run, results)
             free = available_gb()
             if estimate is not None and estimate > free - args.min_free_gb:
-                run["skipped"] = f"estimated peak {estimate:.1f} GB, {free:.1f} GB available"
+                run["skipped"] = f"estimated peak {estimate:.1f} GiB, {free:.1f} GiB available"
             else:
                 spec = {**base, **run, "cache_dir": cache_dir, "output_dir": str(Path(tmp) / f"run{i}")}
                 run.update(run_worker(spec))
@@ -269,7 +269,7 @@ def versions() -> dict[str, str]:
 def summary(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """A markdown table of the runs and the ratios the targets are set on."""
     lines = [
-        "| tokens | configuration | peak RSS GB | at start GB | step increment GB | step s (median) |",
+        "| tokens | configuration | peak RSS GiB | at start GiB | step increment GiB | step s (median) |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -116,7 +116,7 @@ DIE_POINTS = (
 def install_death(point: str, step: int, trainer_ref: list) -> None:
     import transformers
 
-    import hf_distill.trainers.distillation_trainer as distillation_trainer
+    import hf_distill.trainers.checkpointing as checkpointing
     import hf_distill.trainers.learning_teacher_trainer as learning_teacher_trainer
 
     owner, name = {
@@ -124,7 +124,7 @@ def install_death(point: str, step: int, trainer_ref: list) -> None:
         "before_student_weights": (OnlineDistillTrainer, "save_model"),
         "before_optimizer": (transformers.Trainer, "_save_optimizer_and_scheduler"),
         "before_trainer_state": (transformers.TrainerState, "save_to_json"),
-        "before_manifest": (distillation_trainer, "write_checkpoint_manifest"),
+        "before_manifest": (checkpointing, "write_checkpoint_manifest"),
     }[point]
     _dies_before(owner, name, step, trainer_ref)
 

@@ -17,6 +17,7 @@ from hf_distill import (
     kl_divergence,
     sparse_forward_kl,
 )
+from hf_distill.losses.sparse import aligned_topk
 
 
 def top_k_targets(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -271,3 +272,24 @@ def test_a_student_vocabulary_without_the_cached_ids_is_refused(tmp_path):
 def test_an_unknown_topk_tail_is_refused(tmp_path):
     with pytest.raises(ValueError, match="topk_tail='top' is unknown"):
         lm_args(tmp_path, "t", topk_tail="top")
+
+
+def test_gathering_the_cached_columns_first_gives_the_same_loss_and_gradient():
+    # The renormalised loss reads only the K cached columns: picking them before the positions avoids a copy
+    # of the (N, V) logits and changes nothing.
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    ids = torch.stack([torch.randperm(11)[:4] for _ in range(10)]).view(2, 5, 4)
+    logprobs = torch.log_softmax(torch.randn(2, 5, 4, dtype=torch.float64), -1)
+    tail = torch.full((2, 5), -3.0, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, -100, 3, 4], [5, -100, 6, 7, 8]])
+    losses, grads = [], []
+    for gathered in (False, True):
+        parts = aligned_topk(logits, ids, logprobs, tail, labels, None, True, cached_columns_only=gathered)
+        assert parts[0].shape[-1] == (4 if gathered else 11)
+        loss = sparse_forward_kl(*parts, tail="renormalize", temperature=2.0, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, logits)
+        losses.append(loss.detach())
+        grads.append(grad)
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])

@@ -129,12 +129,16 @@ def aligned_topk(
     labels: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     shift: bool,
+    cached_columns_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The positions that count, as `aligned_logits` picks them: ``(N, V)`` student logits, ``(N, K)`` ids
     and log-probabilities and ``(N,)`` tail log-probabilities.
 
     Token-level targets ``(B, T', K)`` cached for another padding are cut or zero-padded to the student's
-    length ``T``; sequence-level ``(B, V)`` logits pass through with ``(B, K)`` targets.
+    length ``T``; sequence-level ``(B, V)`` logits pass through with ``(B, K)`` targets. With
+    ``cached_columns_only`` (enough for ``tail="renormalize"``) the student's logits are gathered at the
+    cached ids before the positions are picked, so no copy of the ``(N, V)`` logits is made: it returns
+    ``(N, K)`` logits and ids ``0..K-1`` that index them.
     """
     device = student_logits.device
     topk_ids, topk_logprobs, tail_logprob = (t.to(device) for t in (topk_ids, topk_logprobs, tail_logprob))
@@ -154,6 +158,9 @@ def aligned_topk(
     if shift:
         student_logits = student_logits[:, :-1]
         topk_ids, topk_logprobs, tail_logprob = topk_ids[:, :-1], topk_logprobs[:, :-1], tail_logprob[:, :-1]
+    if cached_columns_only:
+        student_logits = student_logits.gather(-1, topk_ids.long())
+        topk_ids = torch.arange(topk_ids.shape[-1], device=device).expand_as(topk_ids)
     mask = token_mask(labels, attention_mask, shift)
     if mask is None:
         return (

@@ -1,5 +1,6 @@
 """The student ready for the Hub: saving and pushing it without the teacher (``hub``), its model card
-(``model_card``), and where each model came from (``model_sources``)."""
+(``model_card``, with the methods' papers in ``citations``), and where each model came from
+(``model_sources``)."""
 
 from .hub import (
     HUB_STAGING_DIR,

@@ -109,6 +109,7 @@ def topk_distillation_term(
         student_inputs.get("labels"),
         student_inputs.get("attention_mask"),
         trainer._shift_labels,
+        cached_columns_only=args.topk_tail == "renormalize" and student_logits.dim() == 3,
     )
     settings = (args.topk_tail, args.temperature, args.scale_by_temperature_squared)
     if student_logits.dim() == 2:

@@ -4,16 +4,16 @@ usage errors (``--config`` files and the help layout are shared with the GLUE ex
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 from run_glue_args import HelpFormatter, _config_to_argv, _shown, load_config
+from run_glue_args import cli_error as glue_cli_error
+from run_glue_args import usage_errors as glue_usage_errors
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_distill import DistillationTrainingArguments
@@ -192,20 +192,9 @@ class DataArguments:
 # ----- the command line ------------------------------------------------------------------------------------
 
 
-def cli_error(message: str) -> NoReturn:
-    """End the script as argparse does for a bad command line: usage, ``error:`` and exit code 2."""
-    sys.stderr.write(f"usage: {USAGE}\n{PROG}: error: {message}\n")
-    raise SystemExit(2)
-
-
-@contextlib.contextmanager
-def usage_errors(*kinds: type[Exception]) -> Iterator[None]:
-    """Report the user's mistakes (bad values, missing files) as CLI errors, not tracebacks."""
-    caught = kinds or (ValueError, OSError)
-    try:
-        yield
-    except caught as err:
-        cli_error(str(err))
+# The GLUE example's, with this script's usage line.
+cli_error = functools.partial(glue_cli_error, usage=USAGE)
+usage_errors = functools.partial(glue_usage_errors, usage=USAGE)
 
 
 def args_class_of(method: str) -> type[TrainingArguments]:

@@ -293,20 +293,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if action.option_strings else text
 
 
-def cli_error(message: str) -> NoReturn:
-    """End the script as argparse does for a bad command line: usage, ``error:`` and exit code 2."""
-    sys.stderr.write(f"usage: {USAGE}\n{PROG}: error: {message}\n")
+def cli_error(message: str, usage: str = USAGE) -> NoReturn:
+    """End the script as argparse does for a bad command line: usage, ``error:`` and exit code 2 (``usage``
+    starts with the script's name; the causal-LM example passes its own)."""
+    sys.stderr.write(f"usage: {usage}\n{usage.split()[0]}: error: {message}\n")
     raise SystemExit(2)
 
 
 @contextlib.contextmanager
-def usage_errors(*kinds: type[Exception]) -> Iterator[None]:
+def usage_errors(*kinds: type[Exception], usage: str = USAGE) -> Iterator[None]:
     """Report the user's mistakes raised inside (bad values, missing files) as CLI errors, not tracebacks."""
     caught = kinds or (ValueError, OSError)
     try:
         yield
     except caught as err:
-        cli_error(str(err))
+        cli_error(str(err), usage)
 
 
 def overview() -> str:

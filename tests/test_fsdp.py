@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from testing_utils import tiny_classifier
+from testing_utils import launch_ranks, load_result, max_difference, tiny_classifier
 
 from hf_distill.teacher.loading import prepare_frozen_teacher, teacher_layer_classes
 from hf_distill.teacher.optimizer import check_learning_teacher_supported
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "fsdp_worker.py"
-LAUNCH_TIMEOUT_S = 240
 
 
 def _gloo_available() -> bool:
@@ -121,66 +116,15 @@ def test_learning_teachers_pass_under_zero2():
 # ----- two ranks with gloo ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(outdir: Path, mode: str) -> None:
-    """The worker on `RANKS` ranks of `DEVICE`; it writes ``outdir/<mode>_rank<r>.pt``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(var, None)
-    for attempt in range(2):  # a second try only if another process took the free port meanwhile
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(RANKS),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            str(WORKER), str(outdir), "--mode", mode, "--device", DEVICE,
-        ]  # fmt: skip
-        # A session of its own, so that a timeout ends the launcher and every rank together.
-        proc = subprocess.Popen(
-            command,
-            env=env,
-            cwd=TESTS.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            pytest.fail(f"the {RANKS}-process run did not finish in {LAUNCH_TIMEOUT_S} s:\n{output[-8000:]}")
-        if proc.returncode == 0:
-            return
-        if attempt == 0 and "address already in use" in output.lower():
-            continue
-        pytest.fail(f"the {RANKS}-process run failed ({proc.returncode}):\n{output[-10000:]}")
-
-
-def _load(path: Path) -> dict:
-    assert path.is_file(), f"the worker wrote no {path.name}"
-    return torch.load(path, weights_only=True)
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    assert a.keys() == b.keys()
-    worst = max(a, key=lambda k: (a[k].float() - b[k].float()).abs().max().item())
-    return (a[worst].float() - b[worst].float()).abs().max().item(), worst
-
-
 def _launch_and_reference(outdir: Path, mode: str) -> dict[str, dict]:
     """``mode`` on every rank, and the unsharded single-process run on the combined batch, in this process."""
     import fsdp_worker
 
-    _launch(outdir, mode)
-    results = {rank: _load(outdir / f"{mode}_rank{rank}.pt") for rank in range(RANKS)}
+    launch_ranks(WORKER, RANKS, str(outdir), "--mode", mode, "--device", DEVICE)
+    results = {rank: load_result(outdir / f"{mode}_rank{rank}.pt") for rank in range(RANKS)}
     single_dir = outdir / "single"
     single_dir.mkdir()
-    results["single"] = _load(
+    results["single"] = load_result(
         fsdp_worker.train_once(single_dir, "single", fsdp_worker.GLOBAL_BATCH, "single", DEVICE)
     )
     return results
@@ -199,7 +143,7 @@ def _check_teacher_sharded_and_frozen(runs: dict) -> None:
 def _check_teacher_unchanged_with_unsharded_logits(runs: dict) -> None:
     for rank in range(RANKS):
         run = runs[rank]
-        diff, name = _max_diff(run["teacher"], run["teacher_init"])
+        diff, name = max_difference(run["teacher"], run["teacher_init"])
         assert diff == 0.0, f"rank {rank}: the teacher changed at {name} by {diff}"
         torch.testing.assert_close(
             run["teacher_logits"], run["reference_teacher_logits"], rtol=1e-5, atol=LOGITS_ATOL
@@ -209,19 +153,19 @@ def _check_teacher_unchanged_with_unsharded_logits(runs: dict) -> None:
 def _check_matches_single_process(runs: dict, weight_tolerance: float) -> None:
     single = runs["single"]
     assert single["teacher_held"]["sharded_fraction"] == 0.0  # the reference really is unsharded
-    diff, name = _max_diff(runs[0]["student_init"], single["student_init"])
+    diff, name = max_difference(runs[0]["student_init"], single["student_init"])
     assert diff == 0.0, f"the student starts differently at {name}"
     for rank in range(RANKS):
         run = runs[rank]
         torch.testing.assert_close(
             torch.tensor(run["losses"]), torch.tensor(single["losses"]), rtol=10 * weight_tolerance, atol=1e-6
         )
-        diff, name = _max_diff(run["student"], single["student"])
+        diff, name = max_difference(run["student"], single["student"])
         assert diff <= weight_tolerance, (
             f"rank {rank}: the sharded run's student differs from the single-process one at {name} by {diff}"
         )
     # Otherwise the comparison would hold trivially: Adam moves weights by about the learning rate (5e-3).
-    moved, _ = _max_diff(single["student"], single["student_init"])
+    moved, _ = max_difference(single["student"], single["student_init"])
     assert moved > 1e-3, "the student did not change"
 
 

@@ -4,6 +4,8 @@ fast and offline (fixtures live in conftest.py)."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +156,61 @@ def assert_state_close(
     for name, value in expected.items():
         diff = (actual[name].float() - value.float()).abs().max().item()
         assert diff <= atol, f"{what}: {name} differs by {diff}"
+
+
+# ----- runs on several processes (torch.distributed.run, gloo on CPU) ------------------------------------------
+
+LAUNCH_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(worker: Path, ranks: int, *worker_args: str) -> None:
+    """``worker`` on ``ranks`` processes with ``torch.distributed.run``; fails the test with its output when a
+    rank fails or the run outlives `LAUNCH_TIMEOUT_S`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONUNBUFFERED"] = "1"
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(var, None)
+    for attempt in range(2):  # a second try only if another process took the free port meanwhile
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(worker), *worker_args,
+        ]  # fmt: skip
+        # A session of its own, so that a timeout ends the launcher and every rank together.
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            pytest.fail(f"the {ranks}-process run did not finish in {LAUNCH_TIMEOUT_S} s:\n{output[-8000:]}")
+        if proc.returncode == 0:
+            return
+        if attempt == 0 and "address already in use" in output.lower():
+            continue
+        pytest.fail(f"the {ranks}-process run failed ({proc.returncode}):\n{output[-10000:]}")
+
+
+def load_result(path: Path) -> dict:
+    assert path.is_file(), f"the worker wrote no {path.name}"
+    return torch.load(path, weights_only=True)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest absolute difference between two state dicts, and where."""
+    assert a.keys() == b.keys()
+    worst = max(a, key=lambda k: (a[k].float() - b[k].float()).abs().max().item())
+    return (a[worst].float() - b[worst].float()).abs().max().item(), worst

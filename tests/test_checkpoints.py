@@ -20,9 +20,13 @@ from hf_distill.safety.checkpoints import (
 from hf_distill.safety.checksums import CheckpointIntegrityError, file_sha256
 
 
-def _checkpoint(root, step, complete=True, trainer_state=True):
+def _checkpoint(root, step, complete=True, trainer_state=True, legacy=False):
+    """A checkpoint folder as the trainers write it (``legacy``: as written before manifests, without the
+    arguments file every save now writes first)."""
     folder = root / f"checkpoint-{step}"
     (folder / "teacher").mkdir(parents=True)
+    if not legacy:
+        (folder / "distillation_args.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(bytes(range(256)) * step)
     (folder / "optimizer.pt").write_bytes(b"adam" * step)
     (folder / "teacher" / "optimizer.pt").write_bytes(b"teacher-adam")
@@ -36,7 +40,13 @@ def _checkpoint(root, step, complete=True, trainer_state=True):
 def test_the_manifest_covers_every_file_recursively_with_size_and_digest(tmp_path):
     folder = _checkpoint(tmp_path, 2)
     files = json.loads((folder / CHECKPOINT_MANIFEST).read_text())["files"]
-    assert set(files) == {"model.safetensors", "optimizer.pt", "teacher/optimizer.pt", "trainer_state.json"}
+    assert set(files) == {
+        "distillation_args.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "teacher/optimizer.pt",
+        "trainer_state.json",
+    }
     assert files["model.safetensors"] == {
         "bytes": 512,
         "sha256": file_sha256(folder / "model.safetensors"),
@@ -65,8 +75,8 @@ def test_resume_true_takes_the_newest_complete_checkpoint_and_names_what_it_skip
 
 
 def test_a_run_from_before_manifests_resumes_from_its_newest_finished_checkpoint(tmp_path):
-    _checkpoint(tmp_path, 2, complete=False)
-    _checkpoint(tmp_path, 4, complete=False, trainer_state=False)  # unfinished
+    _checkpoint(tmp_path, 2, complete=False, legacy=True)
+    _checkpoint(tmp_path, 4, complete=False, trainer_state=False, legacy=True)  # unfinished
     assert resolve_last_checkpoint(tmp_path).name == "checkpoint-2"
     with pytest.raises(ValueError, match="No checkpoint found"):
         resolve_last_checkpoint(tmp_path / "empty")
@@ -108,7 +118,10 @@ def test_an_unfinished_folder_is_refused_and_a_finished_unverified_one_warns(tmp
     unfinished = _checkpoint(tmp_path, 2, complete=False, trainer_state=False)
     with pytest.raises(CheckpointIntegrityError, match="its save did not finish"):
         verify_checkpoint(unfinished)
-    older = _checkpoint(tmp_path, 4, complete=False)
+    stopped_before_its_manifest = _checkpoint(tmp_path, 3, complete=False)  # Trainer's files all there
+    with pytest.raises(CheckpointIntegrityError, match="its save did not finish"):
+        verify_checkpoint(stopped_before_its_manifest)
+    older = _checkpoint(tmp_path, 4, complete=False, legacy=True)
     with caplog.at_level(logging.WARNING, logger="hf_distill.safety.checkpoints"):
         verify_checkpoint(older)
     assert "cannot be verified" in caplog.text

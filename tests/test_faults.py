@@ -177,6 +177,7 @@ def test_a_truncated_teacher_file_gets_our_message_naming_it(checkpoint_copy, to
     # A checkpoint from before manifests: the loader's failure is still reported with the file's name.
     (checkpoint_copy / "teacher" / "manifest.json").unlink()
     (checkpoint_copy / "checkpoint_manifest.json").unlink()
+    (checkpoint_copy / "distillation_args.json").unlink()
     with pytest.raises(CheckpointIntegrityError, match=r"trainable\.safetensors cannot be read"):
         _resume(checkpoint_copy, tokenizer)
 
@@ -184,6 +185,7 @@ def test_a_truncated_teacher_file_gets_our_message_naming_it(checkpoint_copy, to
 def test_a_checkpoint_from_before_manifests_resumes_with_a_warning(checkpoint_copy, tokenizer, caplog):
     (checkpoint_copy / "teacher" / "manifest.json").unlink()
     (checkpoint_copy / "checkpoint_manifest.json").unlink()
+    (checkpoint_copy / "distillation_args.json").unlink()
     with caplog.at_level(logging.WARNING, logger="hf_distill"):
         trainer = _resume(checkpoint_copy, tokenizer)
     assert "checkpoint_manifest.json (written before checkpoints were verified)" in caplog.text
@@ -757,3 +759,13 @@ def test_skip_takes_back_the_teachers_update_of_a_skipped_step(tmp_path, tokeniz
     assert any(not torch.equal(snapshots[2][1][n], snapshots[3][1][n]) for n in teacher_before)  # steps on
     logged = [entry["nonfinite_skipped_steps"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == [0, 1, 1, 1]
+
+
+def test_a_checkpoint_stopped_just_before_its_manifest_is_refused_by_name(kd_checkpoint_copy, tokenizer):
+    # Trainer's own files are all there (trainer_state.json included): only the manifest is missing.
+    (kd_checkpoint_copy / "checkpoint_manifest.json").unlink()
+    assert (kd_checkpoint_copy / "trainer_state.json").is_file()
+    with pytest.raises(
+        CheckpointIntegrityError, match="has no checkpoint_manifest.json: its save did not finish"
+    ):
+        _resume_kd(kd_checkpoint_copy, tokenizer)

@@ -194,6 +194,7 @@ def test_resume_without_teacher_state_is_refused(tmp_path, tokenizer):
         fresh.train(resume_from_checkpoint=True)
     # Without the checkpoint's manifest (written before manifests), the teacher's own check still refuses.
     (checkpoint / "checkpoint_manifest.json").unlink()
+    (checkpoint / "distillation_args.json").unlink()
     with pytest.raises(FileNotFoundError, match="holds no teacher state"):
         fresh.train(resume_from_checkpoint=True)
 

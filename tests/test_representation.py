@@ -306,6 +306,7 @@ def test_heads_are_checkpointed_restored_and_never_saved_with_the_student(tmp_pa
     with pytest.raises(ValueError, match=rf"{HEADS_FILE} is missing"):
         fresh.train(resume_from_checkpoint=str(checkpoint))
     (checkpoint / "checkpoint_manifest.json").unlink()  # unverifiable (older): the heads' own check
+    (checkpoint / "distillation_args.json").unlink()
     with pytest.raises(FileNotFoundError, match="no representation heads"):
         fresh.train(resume_from_checkpoint=str(checkpoint))
 

@@ -30,6 +30,9 @@ def expected_label_kind(model: nn.Module) -> str | None:
     """The label kind the model's head reads (see `check_label_type`); None for language models, whose
     labels a collator often makes."""
     task = task_type(model)
+    problem = getattr(getattr(unwrap_model(model), "config", None), "problem_type", None)
+    if task == SEQUENCE_CLASSIFICATION and problem == "multi_label_classification":
+        return None  # a float vector per row, checked by the head itself
     if task == SEQUENCE_CLASSIFICATION:
         return "float" if is_regression(model) else "integer"
     if task == TOKEN_CLASSIFICATION:

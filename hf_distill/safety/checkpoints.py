@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from .checksums import CheckpointIntegrityError, check_recorded_file, file_sha256
+from .resume_changes import ARGUMENTS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ def remove_checkpoint_manifest(folder: str | os.PathLike) -> None:
             pass
 
 
+def predates_manifests(folder: str | os.PathLike) -> bool:
+    """A checkpoint `Trainer` finished (its last file, ``trainer_state.json``, is there) that was written before
+    manifests: without the arguments file that every save writes first, so not a save that stopped short of
+    its manifest."""
+    folder = Path(folder)
+    return (folder / TRAINER_STATE).is_file() and not (folder / ARGUMENTS_FILE).is_file()
+
+
 def is_complete(folder: str | os.PathLike) -> bool:
     return (Path(folder) / CHECKPOINT_MANIFEST).is_file()
 
@@ -93,7 +102,7 @@ def resolve_last_checkpoint(output_dir: str | os.PathLike) -> Path:
         raise ValueError(f"No checkpoint found in output_dir {output_dir} to resume from.")
     complete = [p for p in folders if is_complete(p)]
     if not complete:  # written before manifests: the newest that Trainer finished, verified as such later
-        finished = [p for p in folders if (p / TRAINER_STATE).is_file()]
+        finished = [p for p in folders if predates_manifests(p)]
         return (finished or folders)[-1]
     skipped = [
         p.name for p in folders if p not in complete and folders.index(p) > folders.index(complete[-1])
@@ -130,9 +139,7 @@ def verify_checkpoint(
     folder = Path(folder)
     manifest_path = folder / CHECKPOINT_MANIFEST
     if not manifest_path.is_file():
-        if (
-            folder / TRAINER_STATE
-        ).is_file():  # Trainer's last file: written before manifests, or just before its own
+        if predates_manifests(folder):
             logger.warning(
                 "%s has no %s (written before checkpoints were verified): its files cannot be verified and are "
                 "resumed as they are.",
@@ -140,10 +147,7 @@ def verify_checkpoint(
                 CHECKPOINT_MANIFEST,
             )
             return
-        message = (
-            f"{folder} has no {CHECKPOINT_MANIFEST} and no {TRAINER_STATE}: its save did not finish (the run stopped "
-            "while writing it)."
-        )
+        message = f"{folder} has no {CHECKPOINT_MANIFEST}: its save did not finish (the run stopped while writing it)."
         if not allow_partial:
             raise CheckpointIntegrityError(
                 f"{message} {_fix(folder)}, or set allow_partial_checkpoint=True to resume from it unverified."

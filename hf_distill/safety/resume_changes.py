@@ -109,10 +109,18 @@ def apply_new_hyperparameters(
                 scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         applied.append(f"{role} learning rate {lr_before:g} -> {lr_now:g}")
     if not math.isclose(wd_before, wd_now, rel_tol=1e-12, abs_tol=0.0):
+        decay_parameters = list(decay_parameters)
+        if hasattr(optimizer, "float32_weights"):  # fp32 master weights: the groups hold the float32 copies
+            decay_parameters += optimizer.float32_weights(decay_parameters)
         decaying = {id(p) for p in decay_parameters}
-        for group in optimizer.param_groups:
-            if any(id(p) in decaying for p in group["params"]):
-                group["weight_decay"] = wd_now
+        groups = [g for g in optimizer.param_groups if any(id(p) in decaying for p in g["params"])]
+        if not groups:  # flattened or partitioned parameters (DeepSpeed, FSDP1): the groups cannot be told
+            raise ValueError(
+                f"Resuming with a new {role} weight decay ({wd_before:g} -> {wd_now:g}) cannot be applied to this "
+                "optimizer's restored groups; resume with the checkpoint's value, or start a new run."
+            )
+        for group in groups:
+            group["weight_decay"] = wd_now
         applied.append(f"{role} weight decay {wd_before:g} -> {wd_now:g}")
     return applied
 

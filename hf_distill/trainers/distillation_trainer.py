@@ -134,6 +134,11 @@ class DistillationTrainer(VerifiedCheckpointsMixin, TrainingDataChecksMixin, Stu
         # steps; token-level ones follow Trainer's own num_items_in_batch normalisation.
         self.loss_is_scaled_for_ga = None if self._token_level else False
         self._logged_components: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if args.nonfinite == "skip" and self.is_deepspeed_enabled:
+            raise ValueError(
+                "nonfinite='skip' cannot skip a step under DeepSpeed, whose engine applies the update inside the "
+                "backward pass; use nonfinite='error' (the default), which stops at the first non-finite value."
+            )
         self.nonfinite = NonFiniteMonitor(args.nonfinite, args.max_consecutive_nonfinite_skips)
         self.nonfinite.models = {"student": [self.model], "teacher": self.teacher_models}
         self.add_callback(NonFiniteCallback(self.nonfinite, reduce=lambda t: all_reduce_mean([t])[0]))
@@ -493,6 +498,7 @@ class DistillationTrainer(VerifiedCheckpointsMixin, TrainingDataChecksMixin, Stu
         # The student's gradient norm, which Trainer computes before every optimizer step anyway: a NaN or
         # infinite gradient from a finite loss is caught there (one more value in the step's check, no new pass).
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if norm is not None:
+        # With fp16's loss scaling an infinite norm is an overflow the scaler skips by design: not a fault.
+        if norm is not None and getattr(self.accelerator, "scaler", None) is None:
             self.nonfinite.watch("student's gradient", torch.as_tensor(norm, dtype=torch.float32), "student")
         return norm

@@ -30,13 +30,7 @@ from ..teacher.loading import (
     TOKEN_CLASSIFICATION,
     count_parameters,
 )
-from .model_card import (
-    DistillationRun,
-    build_model_card,
-    build_teacher_card,
-    final_collapsed_classes,
-    final_eval_metrics,
-)
+from .model_card import DistillationRun, build_model_card, build_teacher_card
 from .model_sources import (
     LOCAL,
     TeacherInfo,
@@ -46,6 +40,7 @@ from .model_sources import (
     describe_teacher_module,
     name_teachers,
 )
+from .training_logs import final_collapsed_classes, final_eval_metrics
 
 try:  # the HfApi that transformers' own Hub calls use (tagged with the library's name)
     from transformers.utils.hub import hf_api

@@ -28,7 +28,6 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
-from ..callbacks import InfluenceLoggerCallback
 from ..data.batch import DistillationBatch, dataset_columns
 from ..data.label_checks import find_label_column
 from ..distributed import all_reduce_mean, zeros_for_missing
@@ -45,15 +44,15 @@ from ..losses.influence import (
     sgd_lookahead,
 )
 from ..losses.objectives import kl_divergence, labelled_cross_entropy
-from ..publishing.model_card import summarize_influence
 from ..teacher.loading import SEQUENCE_CLASSIFICATION
 from ..teacher.optimizer import trainable_parameters
 from .distillation_trainer import StudentForward, TeacherTargets
 from .lgtm_config import LGTMTrainingArguments
+from .lgtm_records import InfluenceRecordsMixin, rows_without_teacher_prob
 from .quiz_trainer import QuizDistillTrainer
 
 
-class LGTMTrainer(QuizDistillTrainer):
+class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
     """LGTM: the teacher learns from the student's quiz loss, weighting each sample by its influence.
 
     ``LGTMTrainer(model=student, teacher_model=teacher, args=LGTMTrainingArguments(...), train_dataset=...,
@@ -65,9 +64,6 @@ class LGTMTrainer(QuizDistillTrainer):
     """
 
     method_name = "lgtm"
-
-    #: The influence record of the last optimisation step (see `influence_record`); None before the first.
-    latest_influence: dict[str, Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -96,14 +92,6 @@ class LGTMTrainer(QuizDistillTrainer):
                 "loss scaling leaves scaled; use bf16=True, full precision, or lgtm_student_targets='updated'."
             )
         self.bind_callbacks()
-
-    def bind_callbacks(self) -> None:
-        """Give this trainer to the `InfluenceLoggerCallback` s in ``callbacks=[...]`` that were built without
-        ``trainer=``. Called at the end of ``__init__``; a callback added later with `add_callback` takes
-        ``trainer=`` instead. A callback built with ``trainer=`` is left as it is."""
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, InfluenceLoggerCallback) and callback.trainer is None:
-                callback.bind_trainer(self)
 
     @classmethod
     def _default_args_class(cls) -> type[LGTMTrainingArguments]:
@@ -170,26 +158,12 @@ class LGTMTrainer(QuizDistillTrainer):
         if (
             self.args.lgtm_student_targets == "updated"
             and record is not None
-            and _rows_without_teacher_prob(record)
+            and rows_without_teacher_prob(record)
             and batch.labels is not None
         ):  # the record's teacher column: the soft labels the student's real step learns from, one micro-batch
             # at a time under gradient accumulation
             self._store_influence(record, targets.logits, batch.labels)
         return targets
-
-    def _store_influence(
-        self,
-        record: dict[str, Any] | None,
-        soft_labels: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> None:
-        """Keep a step's influence record as ``latest_influence`` (the one place it is set), its teacher
-        column from ``soft_labels``, the logits the student's real step learns from, once they are known."""
-        if record is not None and soft_labels is not None:
-            known = record["teacher_gold_prob"]
-            new = _gold_prob(soft_labels, labels)
-            record = {**record, "teacher_gold_prob": new if known is None else torch.cat([known, new])}
-        self.latest_influence = record
 
     def _teacher_logits_with_graph(self, batch: DistillationBatch) -> torch.Tensor:
         """The one teacher forward of the step, in training mode and with its graph: L_aux and both
@@ -390,35 +364,6 @@ class LGTMTrainer(QuizDistillTrainer):
                 p.grad = (a if a is not None else 0) + (scale * b if b is not None else 0)
         return scale
 
-    def _record_sample_weights(self, sample_weights: torch.Tensor) -> None:
-        self._record("sample_weight_max", sample_weights.max())
-        self._record("sample_weight_frac_zero", (sample_weights == 0).float().mean())
-
-    def _log_influence(self, weights: torch.Tensor, quiz_loss: torch.Tensor, scale: float | None) -> None:
-        w = weights.detach().float()
-        self._record("influence_mean", w.mean())
-        self._record("influence_std", w.std() if w.numel() > 1 else torch.zeros(()))
-        self._record("influence_min", w.min())
-        self._record("influence_max", w.max())
-        self._record("influence_frac_negative", (w < 0).float().mean())
-        self._record("quiz_loss", quiz_loss)
-        if scale is not None:  # the sample_weights form has no λ
-            self._record("influence_scale", torch.tensor(float(scale)))
-
-    def influence_record(
-        self, weights: torch.Tensor, batch: DistillationBatch, student_logits: torch.Tensor
-    ) -> dict[str, Any]:
-        """The influence record of this step, as ``latest_influence`` holds it: ``step``, the batch's row ids
-        (``idx``), the per-sample ``influence`` and each row's gold-label probability under the student's
-        logits; ``teacher_gold_prob`` is None until the soft labels of the student's real step are known."""
-        return {
-            "step": self.state.global_step,
-            "idx": batch.row_ids,
-            "influence": weights.detach().float(),
-            "student_gold_prob": _gold_prob(student_logits, batch.labels),
-            "teacher_gold_prob": None,
-        }
-
     def _student_objective(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
@@ -493,19 +438,6 @@ class LGTMTrainer(QuizDistillTrainer):
             )
         return updated
 
-    def _is_logging_step(self) -> bool:
-        """Whether the step in progress ends with a training log: Trainer's own test (on
-        ``state.logging_steps``, which a fractional ``logging_steps`` rounds up), one step ahead."""
-        every = self.state.logging_steps
-        return (
-            bool(every)
-            and self.args.logging_strategy == "steps"
-            and (self.state.global_step + 1) % every == 0
-        )
-
-    def _card_influence_summary(self) -> dict[str, Any] | None:
-        return summarize_influence(self.state.log_history)
-
 
 def _functional_logits(
     student: nn.Module, names: tuple[str, ...], values: Any, features: dict[str, Any]
@@ -522,16 +454,3 @@ def _joined_rows(micro_batches: list[DistillationBatch]) -> DistillationBatch:
         {"labels": torch.cat([b.labels for b in micro_batches])},
         row_ids=None if any(r is None for r in row_ids) else torch.cat(row_ids),
     )
-
-
-def _rows_without_teacher_prob(record: dict[str, Any]) -> bool:
-    """Whether some rows of an influence record still lack their teacher's gold-label probability."""
-    known = record["teacher_gold_prob"]
-    return known is None or known.shape[0] < record["influence"].shape[0]
-
-
-def _gold_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's probability of its gold label (NaN for a row labelled -100, which has none)."""
-    labelled = labels.ne(-100)
-    probs = logits.detach().float().softmax(-1).gather(1, labels.clamp_min(0).view(-1, 1)).squeeze(1)
-    return probs.masked_fill(~labelled, float("nan"))

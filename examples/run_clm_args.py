@@ -7,11 +7,10 @@ import argparse
 import dataclasses
 import functools
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_glue_args import HelpFormatter, _config_to_argv, _shown, load_config
+from run_glue_args import HelpFormatter, _config_to_argv, _shown, method_and_config
 from run_glue_args import cli_error as glue_cli_error
 from run_glue_args import usage_errors as glue_usage_errors
 from transformers import HfArgumentParser, TrainingArguments
@@ -259,23 +258,7 @@ def build_parser(args_class: type[TrainingArguments]) -> HfArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse the command line (and ``--config``) into the three argument dataclasses of ``--method``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
-        argv = ["--config", *argv]
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("--method", default=None)
-    pre.add_argument("-h", "--help", action="store_true")
-    pre.add_argument("--help_all", action="store_true")
-    known, rest = pre.parse_known_args(argv)
-    with usage_errors():
-        config = load_config(known.config) if known.config else {}
-    method = known.method or config.get("method")
-    if known.help and method is None:
-        print(overview(), end="")
-        raise SystemExit(0)
-    if method is None:  # no default: the methods differ in cost and in what they need
-        cli_error(f"the following arguments are required: --method (choose from {', '.join(METHODS)})")
+    known, rest, config, method = method_and_config(argv, METHODS, overview, USAGE)
     with usage_errors(ValueError):
         args_class = args_class_of(method)
     parser = build_parser(args_class)

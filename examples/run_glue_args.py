@@ -371,12 +371,11 @@ def build_parser(args_class: type[TrainingArguments]) -> HfArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse the command line (and ``--config``) into the three argument dataclasses of ``--method``.
-
-    ``--help`` without ``--method`` describes the script and lists the methods; with ``--method X`` it
-    lists X's options; ``--help_all`` lists every option. Bad values end the script as CLI errors.
-    """
+def method_and_config(
+    argv: list[str] | None, methods: tuple[str, ...], overview_text: Any, usage: str = USAGE
+) -> tuple[argparse.Namespace, list[str], dict[str, Any], str]:
+    """Before a method's parser exists: the help flags, the rest of the command line, the ``--config`` file's
+    values and the ``--method`` (required; ``--help`` without it prints ``overview_text()`` and exits)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         argv = ["--config", *argv]  # transformers' convention: the file as the first argument
@@ -386,14 +385,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     pre.add_argument("-h", "--help", action="store_true")
     pre.add_argument("--help_all", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    with usage_errors():
+    with usage_errors(usage=usage):
         config = load_config(known.config) if known.config else {}
     method = known.method or config.get("method")
     if known.help and method is None:
-        print(overview(), end="")
+        print(overview_text(), end="")
         raise SystemExit(0)
     if method is None:  # no default: the methods differ too much in cost and in what they need
-        cli_error(f"the following arguments are required: --method (choose from {', '.join(METHODS)})")
+        cli_error(f"the following arguments are required: --method (choose from {', '.join(methods)})", usage)
+    return known, rest, config, method
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse the command line (and ``--config``) into the three argument dataclasses of ``--method``.
+
+    ``--help`` without ``--method`` describes the script and lists the methods; with ``--method X`` it
+    lists X's options; ``--help_all`` lists every option. Bad values end the script as CLI errors.
+    """
+    known, rest, config, method = method_and_config(argv, METHODS, overview)
     with usage_errors(ValueError):
         _, args_class = trainer_classes(method)
     parser = build_parser(args_class)

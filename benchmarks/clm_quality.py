@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "kd", "kd_topk")
 # The budget (docs/benchmarks.md, "Causal-LM distillation quality"): one rule per lever, equal for every method.
 BUDGET = {
-    "max_steps": "300",
+    "num_train_epochs": "1",
     "learning_rate": "2e-3",
     "per_device_train_batch_size": "32",
     "max_seq_length": "64",
@@ -50,7 +50,6 @@ MODELS = {
     "tokenizer_vocab_size": "2048",
     "teacher_num_layers": "4",
     "teacher_hidden_size": "128",
-    "teacher_train_epochs": "0.5",
     "teacher_learning_rate": "2e-3",
     "student_num_layers": "2",
     "student_hidden_size": "64",
@@ -64,10 +63,19 @@ def load_example() -> Any:
     return run_clm_distill
 
 
-def run_argv(args: argparse.Namespace, method: str, seed: int, output_dir: Path) -> list[str]:
+def run_name(method: str, epochs: float | None) -> str:
+    """``sft``, ``kd``, ``kd_topk`` at the budget; ``sft@2`` for the student alone trained 2 epochs."""
+    return method if epochs is None else f"{method}@{epochs:g}"
+
+
+def run_argv(
+    args: argparse.Namespace, method: str, seed: int, output_dir: Path, epochs: float | None = None
+) -> list[str]:
     argv = ["--method", method, "--output_dir", str(output_dir), "--seed", str(seed)]
     argv += ["--teacher_cache_dir", str(args.out / "teacher"), "--disable_tqdm", "true"]
-    for key, value in {**MODELS, **BUDGET}.items():
+    budget = {**BUDGET, "num_train_epochs": f"{epochs:g}"} if epochs is not None else BUDGET
+    models = {**MODELS, "teacher_train_epochs": f"{args.teacher_epochs:g}"}
+    for key, value in {**models, **budget}.items():
         if method != "sft" or key not in ("alpha", "temperature"):
             argv += [f"--{key}", value]
     if method == "kd_topk":
@@ -123,16 +131,20 @@ def teacher_lock(args: argparse.Namespace, method: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def run_one(args: argparse.Namespace, example: Any, method: str, seed: int) -> None:
-    folder = args.out / "runs" / f"{method}-seed{seed}"
+def run_one(
+    args: argparse.Namespace, example: Any, method: str, seed: int, epochs: float | None = None
+) -> None:
+    name = run_name(method, epochs)
+    folder = args.out / "runs" / f"{name}-seed{seed}"
     if (folder / "bench.json").is_file() or not claim(folder):
         return
-    print(f"== {method} seed {seed}", flush=True)
+    print(f"== {name} seed {seed}", flush=True)
     start = time.perf_counter()
+    argv = run_argv(args, method, seed, folder / "model", epochs)
     with teacher_lock(args, method):
-        results = example.main(run_argv(args, method, seed, folder / "model"))
+        results = example.main(argv)
     record = {
-        "method": method,
+        "method": name,
         "seed": seed,
         "perplexity": results["eval"]["eval_perplexity"],
         "teacher_perplexity": results["eval"].get("eval_teacher_perplexity"),
@@ -140,7 +152,7 @@ def run_one(args: argparse.Namespace, example: Any, method: str, seed: int) -> N
         "train_runtime": results["train"]["train_runtime"],
         "wall_seconds": round(time.perf_counter() - start, 1),
         "teacher": {k: v for k, v in results["teacher"].items() if k != "settings"},
-        "argv": run_argv(args, method, seed, folder / "model"),
+        "argv": argv,
     }
     state = (
         json.loads((folder / "model" / "trainer_state.json").read_text())
@@ -153,12 +165,16 @@ def run_one(args: argparse.Namespace, example: Any, method: str, seed: int) -> N
         (folder / "model" / name).unlink(missing_ok=True)
 
 
-def work_order(seeds: list[int], methods: list[str]) -> list[tuple[str, int]]:
+def work_order(
+    seeds: list[int], methods: list[str], sft_epochs: list[float] = ()
+) -> list[tuple[str, int, float | None]]:
     """kd on the first seed first (it trains the teacher), then the students alone (which need no teacher,
-    so a second worker has work meanwhile), then the other runs seed by seed."""
-    order = [("kd", seeds[0])] if "kd" in methods else []
-    order += [("sft", s) for s in seeds if "sft" in methods]
-    order += [(m, s) for s in seeds for m in methods if m != "sft" and (m, s) not in order]
+    so a second worker has work meanwhile), then the other runs seed by seed, then the longer students
+    alone (``--sft_epochs``)."""
+    order: list[tuple[str, int, float | None]] = [("kd", seeds[0], None)] if "kd" in methods else []
+    order += [("sft", s, None) for s in seeds if "sft" in methods]
+    order += [(m, s, None) for s in seeds for m in methods if m != "sft" and (m, s, None) not in order]
+    order += [("sft", s, e) for e in sft_epochs for s in seeds]
     return order
 
 
@@ -201,7 +217,8 @@ def report(args: argparse.Namespace) -> str:
     if teacher is not None:
         lines += [f"Teacher: perplexity {teacher:.3f}", ""]
     lines += ["| method | seeds | perplexity (mean ± sd) | steps | train s (mean) |", "|---|---|---|---|---|"]
-    for method in args.methods:
+    controls = [run_name("sft", e) for e in args.sft_epochs]
+    for method in [*args.methods, *controls]:
         rows = [found[method, s] for s in args.seeds if (method, s) in found]
         if not rows:
             lines.append(f"| {method} | 0 | — | — | — |")
@@ -209,7 +226,7 @@ def report(args: argparse.Namespace) -> str:
         values = [r["perplexity"] for r in rows]
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         seconds = statistics.mean(r["train_runtime"] for r in rows)
-        steps = rows[0]["steps"] or rows[0]["argv"][rows[0]["argv"].index("--max_steps") + 1]
+        steps = rows[0]["steps"]
         lines.append(
             f"| {method} | {len(rows)} | {statistics.mean(values):.3f}{spread} | {steps} | {seconds:.0f} |"
         )
@@ -220,6 +237,13 @@ def report(args: argparse.Namespace) -> str:
         paired(found, "kd_topk", "kd", args.seeds),
         paired(found, "kd_topk", "kd", args.seeds, relative=True),
     ]
+    # Has the student alone converged at the budget? And is kd still ahead of the longer students alone?
+    for control in controls:
+        lines += [
+            paired(found, control, "sft", args.seeds),
+            paired(found, control, "sft", args.seeds, relative=True),
+            paired(found, "kd", control, args.seeds),
+        ]
     text = "\n".join(lines) + "\n"
     (args.out / "report.md").write_text(text)
     return text
@@ -231,6 +255,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--top_k", type=int, default=64)
+    p.add_argument(
+        "--teacher_epochs",
+        type=float,
+        default=3.0,
+        help="Epochs of the teacher's training (as the GLUE teacher's).",
+    )
+    p.add_argument(
+        "--sft_epochs",
+        nargs="*",
+        type=float,
+        default=[2.0],
+        help="The student alone also trained for these epochs (runs 'sft@E'): has it converged at the budget?",
+    )
     p.add_argument("--report_only", action="store_true")
     return p.parse_args(argv)
 
@@ -239,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not args.report_only:
         example = load_example()
-        for method, seed in work_order(args.seeds, args.methods):
-            run_one(args, example, method, seed)
+        for method, seed, epochs in work_order(args.seeds, args.methods, args.sft_epochs):
+            run_one(args, example, method, seed, epochs)
     print(report(args))
 
 

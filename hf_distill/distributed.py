@@ -23,6 +23,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards ``model``'s parameters (each rank holds a `DTensor` shard of each)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with whole tensors: for a model FSDP2 shards, gathered with torch's full
+    state-dict API (a collective: call it on every process; complete on the main process, on the CPU)."""
+    if not is_sharded(model):
+        return unwrap_model(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A `DTensor` (e.g. the gradient norm of sharded parameters) as its full value, a collective; any other
+    tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def is_distributed() -> bool:
     """Whether this process is one of several in an initialised process group."""
     return (

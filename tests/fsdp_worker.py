@@ -37,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
+from hf_distill.distributed import full_state_dict  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -51,8 +52,8 @@ DEEPSPEED_AUTO = {
 }
 
 
-class CPUFSDP2DistillationTrainer(DistillationTrainer):
-    """DistillationTrainer with the FSDP2 plugin that accelerate drops on the CPU put back (see above)."""
+class CPUFSDP2Mixin:
+    """Puts back the FSDP2 plugin that accelerate drops on the CPU (see above); goes before the trainer class."""
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -60,6 +61,14 @@ class CPUFSDP2DistillationTrainer(DistillationTrainer):
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         self.is_fsdp_enabled = True
+        # On the CPU, accelerate's gathered state dict of an FSDP2 model (`get_state_dict`, which Trainer saves
+        # the student with) holds tensors whose storage safetensors cannot read; torch's full state-dict API,
+        # which hf_distill gathers a sharded teacher with, gives readable ones.
+        self.accelerator.get_state_dict = lambda model, unwrap=True: full_state_dict(model)
+
+
+class CPUFSDP2DistillationTrainer(CPUFSDP2Mixin, DistillationTrainer):
+    """DistillationTrainer with the FSDP2 plugin that accelerate drops on the CPU put back."""
 
 
 def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from hf_distill import (
 from hf_distill.data.quiz import split_quiz
 from hf_distill.safety.checksums import CheckpointIntegrityError
 from hf_distill.safety.nonfinite import NonFiniteError, first_nonfinite_parameter
-from hf_distill.teacher.checkpoint import save_teacher_state
+from hf_distill.teacher.checkpoint import gather_teacher_state, save_teacher_state
 
 # ----- arguments that would pass a plain `x > 0` test and still give non-finite models ----------------------
 
@@ -452,7 +452,9 @@ def test_non_finite_weights_are_never_written(tmp_path, tokenizer):
     with pytest.raises(NonFiniteError, match=r"Refusing to save the teacher: .*NaN"):
         trainer.save_teacher(str(tmp_path / "teacher"))
     with pytest.raises(NonFiniteError, match=r"Refusing to write the teacher into a checkpoint"):
-        save_teacher_state(tmp_path / "checkpoint", trainer.teacher_models[0], None, None)
+        save_teacher_state(
+            tmp_path / "checkpoint", gather_teacher_state(trainer.teacher_models[0], None, None)
+        )
     assert not (tmp_path / "student").exists() and not (tmp_path / "checkpoint" / "teacher").exists()
 
 

@@ -109,3 +109,14 @@ def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="nonfinite='warn' is unknown"):
         NonFiniteMonitor("warn")
     assert NonFiniteMonitor("error").log_values() == {}
+
+
+def test_check_finite_tensors_names_the_first_bad_entry_of_a_state_dict():
+    from hf_distill.safety.nonfinite import check_finite_tensors
+
+    state = {"a": torch.ones(2), "ids": torch.tensor([1, 2]), "b": torch.tensor([1.0, float("-inf")])}
+    with pytest.raises(
+        NonFiniteError, match=r"Refusing to write it: the teacher's weights hold infinite .*first in b"
+    ):
+        check_finite_tensors(state.items(), "teacher", "write it")
+    check_finite_tensors({"a": torch.ones(2)}.items(), "teacher", "write it")

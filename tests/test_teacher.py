@@ -12,6 +12,8 @@ from testing_utils import tiny_classifier
 from hf_distill.distributed import all_reduce_mean, zeros_for_missing
 from hf_distill.teacher.checkpoint import (
     TEACHER_CHECKPOINT_DIR,
+    TEACHER_OPTIMIZER_NAME,
+    gather_teacher_state,
     load_teacher_optimizer_state,
     load_teacher_weights,
     save_teacher_state,
@@ -85,7 +87,7 @@ def test_teacher_state_round_trips_through_a_checkpoint(tmp_path):
     optimizer = create_teacher_optimizer(teacher, 1e-2, 0.0, set())
     teacher(input_ids=torch.tensor([[2, 9, 7]]), labels=torch.tensor([1])).loss.backward()
     optimizer.step()
-    save_teacher_state(tmp_path, teacher, optimizer, None)
+    save_teacher_state(tmp_path, gather_teacher_state(teacher, optimizer, None))
     assert (tmp_path / TEACHER_CHECKPOINT_DIR).is_dir()
     fresh = tiny_classifier(1, seed=4)
     fresh_optimizer = create_teacher_optimizer(fresh, 1e-2, 0.0, set())
@@ -97,3 +99,39 @@ def test_teacher_state_round_trips_through_a_checkpoint(tmp_path):
     assert int(state["step"]) == 1
     with pytest.raises(FileNotFoundError, match="holds no teacher state"):
         load_teacher_weights(tmp_path / "elsewhere", fresh)
+
+
+def test_optimizer_state_keyed_by_name_restores_an_unsharded_teacher(tmp_path):
+    """A sharded teacher's checkpoint keys its optimizer state by parameter name (torch's full state-dict
+    API); it restores the same AdamW state into a teacher that is not sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    teacher = tiny_classifier(1, seed=3)
+    optimizer = create_teacher_optimizer(teacher, 1e-2, 0.0, set())
+    teacher(input_ids=torch.tensor([[2, 9, 7]]), labels=torch.tensor([1])).loss.backward()
+    optimizer.step()
+    save_teacher_state(tmp_path, gather_teacher_state(teacher, optimizer, None))
+    by_name = get_optimizer_state_dict(teacher, optimizer, options=StateDictOptions(full_state_dict=True))
+    assert all(isinstance(key, str) for key in by_name["state"])
+    torch.save(by_name, tmp_path / TEACHER_CHECKPOINT_DIR / TEACHER_OPTIMIZER_NAME)
+    fresh = tiny_classifier(1, seed=3)
+    fresh_optimizer = create_teacher_optimizer(fresh, 1e-2, 0.0, set())
+    with pytest.raises(ValueError, match="keyed by parameter name: pass the teacher"):
+        load_teacher_optimizer_state(tmp_path, fresh_optimizer, None)
+    load_teacher_optimizer_state(tmp_path, fresh_optimizer, None, fresh)
+    names = {id(p): n for n, p in fresh.named_parameters()}
+    original = {n: optimizer.state[p] for n, p in teacher.named_parameters()}
+    for param, state in fresh_optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], original[names[id(param)]][key])
+    assert len(fresh_optimizer.state) == len(original)
+
+
+def test_half_precision_master_weights_are_refused_for_a_sharded_teacher(monkeypatch):
+    import hf_distill.teacher.optimizer as teacher_optimizer
+
+    teacher = tiny_classifier(1).to(torch.bfloat16)
+    monkeypatch.setattr(teacher_optimizer, "is_sharded", lambda model: True)
+    with pytest.raises(ValueError, match="FSDP2 shards them, where teacher_fp32_master_weights=True"):
+        create_teacher_optimizer(teacher, 1e-3, 0.0, set(), fp32_master_weights=True)
+    create_teacher_optimizer(teacher, 1e-3, 0.0, set(), fp32_master_weights=False)  # stepped directly

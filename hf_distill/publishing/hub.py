@@ -20,7 +20,7 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
-from ..distributed import unwrap_model
+from ..distributed import full_state_dict, is_sharded, unwrap_model
 from ..losses.objectives import LOSS_SPECIFIC_SETTINGS, distill_loss_entry
 from ..safety.nonfinite import check_finite_weights
 from ..teacher.loading import (
@@ -313,11 +313,14 @@ class TeacherPublishingMixin:
 
     def save_teacher(self, output_dir: str | os.PathLike) -> None:
         """Write the live teacher (``save_pretrained``, safetensors) with its tokenizer to ``output_dir``."""
-        check_finite_weights(self.teacher_models[0], "teacher", "save the teacher")
+        teacher = self.teacher_models[0]
+        check_finite_weights(teacher, "teacher", "save the teacher")
+        # Gathered on every process when FSDP2 shards the teacher; else save_pretrained reads it (PEFT: its adapters).
+        state_dict = full_state_dict(teacher) if is_sharded(teacher) else None
         if not self.args.should_save:
             return
-        self.accelerator.unwrap_model(self.teacher_models[0]).save_pretrained(
-            output_dir, safe_serialization=True
+        self.accelerator.unwrap_model(teacher).save_pretrained(
+            output_dir, state_dict=state_dict, safe_serialization=True
         )
         tokenizer = self.teacher_processing_class or self.processing_class
         if tokenizer is not None:
@@ -336,15 +339,16 @@ class TeacherPublishingMixin:
 
         The folder is what `save_teacher` writes (weights as safetensors, config, the teacher's tokenizer)
         plus ``README.md``, which says the teacher was trained by this method for the student (``hub_model_id``,
-        or ``output_dir``'s name). Only the world process zero uploads; returns `HfApi.upload_folder`'s result.
+        or ``output_dir``'s name). Call it on every process; only the world process zero uploads, and returns
+        `HfApi.upload_folder`'s result.
         """
+        staging = os.path.join(self.args.output_dir, HUB_TEACHER_STAGING_DIR)
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)
+        self.save_teacher(staging)  # on every process: a sharded teacher is gathered from all of them
         if not self.is_world_process_zero():
             return None
         token = token if token is not None else self.args.hub_token
-        staging = os.path.join(self.args.output_dir, HUB_TEACHER_STAGING_DIR)
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
-        self.save_teacher(staging)
         teacher = self.accelerator.unwrap_model(self.teacher_models[0])
         card = build_teacher_card(
             method=self.method_name,

@@ -34,23 +34,33 @@ def describe_value(total: float) -> str:
 
 
 def first_nonfinite_parameter(model: nn.Module) -> tuple[str, str] | None:
-    """(name, ``"NaN"``/``"infinite"``) of the first parameter holding a non-finite value, or None.
+    """(name, ``"NaN"``/``"infinite"``) of the first parameter holding a non-finite value, or None."""
+    return first_nonfinite_tensor(model.named_parameters())
 
-    One reduction per parameter, stacked, and a single transfer when every weight is finite.
+
+def first_nonfinite_tensor(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """(name, ``"NaN"``/``"infinite"``) of the first tensor holding a non-finite value, or None.
+
+    One reduction per tensor, stacked, and a single transfer when every value is finite.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    named = [(n, t) for n, t in named if t.is_floating_point()]
     if not named:
         return None
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
     if bool(finite.all()):
         return None
-    name, param = named[int((~finite).nonzero()[0])]
-    return name, "NaN" if bool(torch.isnan(param.detach()).any()) else "infinite"
+    name, tensor = named[int((~finite).nonzero()[0])]
+    return name, "NaN" if bool(torch.isnan(tensor.detach()).any()) else "infinite"
 
 
 def check_finite_weights(model: nn.Module, role: str, action: str) -> None:
     """Raise `NonFiniteError` if ``model`` holds a non-finite weight; ``action`` says what is refused."""
-    found = first_nonfinite_parameter(model)
+    check_finite_tensors(model.named_parameters(), role, action)
+
+
+def check_finite_tensors(named: Iterable[tuple[str, torch.Tensor]], role: str, action: str) -> None:
+    """Raise `NonFiniteError` if a weight of ``named`` (e.g. a gathered state dict's items) is non-finite."""
+    found = first_nonfinite_tensor(named)
     if found is not None:
         name, kind = found
         raise NonFiniteError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..distributed import unwrap_model
+from ..distributed import full_state_dict, is_sharded, unwrap_model
 from ..safety.checksums import (
     MANIFEST_NAME,
     CheckpointIntegrityError,
@@ -22,7 +23,7 @@ from ..safety.checksums import (
     verify_manifest,
     write_manifest,
 )
-from ..safety.nonfinite import check_finite_weights
+from ..safety.nonfinite import check_finite_tensors
 from .optimizer import trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -40,31 +41,58 @@ TEACHER_OPTIMIZER_NAME = "optimizer.pt"
 TEACHER_SCHEDULER_NAME = "scheduler.pt"
 
 
-def save_teacher_state(
-    checkpoint_dir: str | os.PathLike,
-    teacher: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any | None,
-) -> Path:
+@dataclass
+class TeacherCheckpointState:
+    """What a checkpoint holds of a learning teacher: its trainable weights, optimizer and schedule."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+
+
+def gather_teacher_state(
+    teacher: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any | None
+) -> TeacherCheckpointState:
+    """The teacher's checkpoint state, whole, on the CPU; call it on every process.
+
+    A teacher that FSDP2 shards is gathered with torch's full state-dict API (a collective; the result is
+    complete on the main process only), its optimizer state then keyed by parameter name. Trainer gathers
+    an FSDP2 student the same way for ``SHARDED_STATE_DICT``-free checkpoints.
+    """
+    params = trainable_parameters(unwrap_model(teacher))
+    if is_sharded(teacher):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = full_state_dict(teacher)
+        weights = {n: full[n] for n in params if n in full}
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer_state = (
+            get_optimizer_state_dict(teacher, optimizer, options=options) if optimizer is not None else None
+        )
+    else:
+        weights = {n: p.detach().cpu().contiguous() for n, p in params.items()}
+        optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    return TeacherCheckpointState(weights, optimizer_state, scheduler.state_dict() if scheduler else None)
+
+
+def save_teacher_state(checkpoint_dir: str | os.PathLike, state: TeacherCheckpointState) -> Path:
     """Write the teacher's trainable weights (safetensors), optimizer and scheduler into ``checkpoint_dir/teacher``.
 
-    Written to a temporary folder that is renamed at the end, so a crash never leaves a half-written
-    teacher that a resume would trust; ``manifest.json`` records each file's size and SHA-256.
+    ``state`` comes from `gather_teacher_state`. Written to a temporary folder that is renamed at the end,
+    so a crash never leaves a half-written teacher that a resume would trust; ``manifest.json`` records
+    each file's size and SHA-256.
     """
-    check_finite_weights(teacher, "teacher", "write the teacher into a checkpoint")
+    check_finite_tensors(state.weights.items(), "teacher", "write the teacher into a checkpoint")
     target = Path(checkpoint_dir) / TEACHER_CHECKPOINT_DIR
     staging = Path(checkpoint_dir) / f".{TEACHER_CHECKPOINT_DIR}.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    weights = {
-        n: p.detach().cpu().contiguous() for n, p in trainable_parameters(unwrap_model(teacher)).items()
-    }
-    save_file(weights, str(staging / TEACHER_WEIGHTS_NAME), metadata={"format": "pt"})
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), staging / TEACHER_OPTIMIZER_NAME)
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), staging / TEACHER_SCHEDULER_NAME)
+    save_file(state.weights, str(staging / TEACHER_WEIGHTS_NAME), metadata={"format": "pt"})
+    if state.optimizer is not None:
+        torch.save(state.optimizer, staging / TEACHER_OPTIMIZER_NAME)
+    if state.scheduler is not None:
+        torch.save(state.scheduler, staging / TEACHER_SCHEDULER_NAME)
     write_manifest(staging)  # verified before a resume trusts these files
     if target.exists():
         shutil.rmtree(target)
@@ -153,24 +181,60 @@ def load_teacher_weights(
         )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
+            p.copy_(_as_held(saved[name], p))
+
+
+def _as_held(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole saved weight) as ``param`` holds it: this rank's shard of it under FSDP2."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        full = full.to(device=param.device_mesh.device_type, dtype=param.dtype)
+        return distribute_tensor(full, param.device_mesh, param.placements)
+    return full.to(device=param.device, dtype=param.dtype)
 
 
 def load_teacher_optimizer_state(
-    checkpoint_dir: str | os.PathLike, optimizer: torch.optim.Optimizer, scheduler: Any | None
+    checkpoint_dir: str | os.PathLike,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    teacher: nn.Module | None = None,
 ) -> None:
     """Restore what the checkpoint holds of the teacher's optimizer and scheduler (checked complete, or
-    allowed partial, by `check_teacher_checkpoint` when the weights were loaded)."""
+    allowed partial, by `check_teacher_checkpoint` when the weights were loaded).
+
+    A state gathered from a sharded teacher is keyed by parameter name: it goes through torch's full
+    state-dict API, which shards it again for an FSDP2 ``teacher`` (and fits an unsharded one too).
+    """
     folder = teacher_state_dir(checkpoint_dir)
     device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
     if (folder / TEACHER_OPTIMIZER_NAME).is_file():
-        optimizer.load_state_dict(
-            _load_checkpoint_file(
-                folder / TEACHER_OPTIMIZER_NAME,
-                lambda p: torch.load(p, map_location=device, weights_only=True),
-            )
+        saved = _load_checkpoint_file(
+            folder / TEACHER_OPTIMIZER_NAME,
+            lambda p: torch.load(p, map_location=device, weights_only=True),
         )
+        if _keyed_by_name(saved):
+            if teacher is None:
+                raise ValueError(
+                    f"{folder / TEACHER_OPTIMIZER_NAME} is keyed by parameter name: pass the teacher."
+                )
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                teacher, optimizer, saved, options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            optimizer.load_state_dict(saved)
     if scheduler is not None and (folder / TEACHER_SCHEDULER_NAME).is_file():
         scheduler.load_state_dict(
             _load_checkpoint_file(folder / TEACHER_SCHEDULER_NAME, lambda p: torch.load(p, weights_only=True))
         )
+
+
+def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
+    """Whether an optimizer state dict names its parameters (torch's full state-dict API) rather than
+    numbering them (``Optimizer.state_dict``)."""
+    state = optimizer_state.get("state", {})
+    groups = optimizer_state.get("param_groups", [])
+    keys = list(state) + [p for g in groups for p in g.get("params", [])]
+    return any(isinstance(k, str) for k in keys)

@@ -237,7 +237,7 @@ def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
     if getattr(state, "deepspeed_plugin", None) is not None:
         return freeze(deepspeed_inference_engine(teacher, state.deepspeed_plugin))
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
-    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) == 2:
+    if is_fsdp2(accelerator):
         return shard_frozen_teacher(teacher, accelerator)
     if fsdp_plugin is not None:
         logger.warning(
@@ -271,18 +271,23 @@ def deepspeed_inference_engine(teacher: nn.Module, plugin: Any) -> nn.Module:
 
 
 def shard_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
-    """Shard a frozen teacher across the ranks with FSDP2, by the policy accelerate applies to the student.
+    """Shard a frozen teacher across the ranks with FSDP2 (`shard_teacher`), frozen first, so mixed
+    precision does not upcast its weights to float32 master copies."""
+    return freeze(shard_teacher(freeze(teacher), accelerator))
+
+
+def shard_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """Shard a teacher across the ranks with FSDP2, by the policy accelerate applies to the student.
 
     accelerate's ``prepare_model(..., evaluation_mode=True)`` neither shards nor places a model under FSDP,
     so the teacher would stay whole, on the CPU, on every rank. Instead the teacher goes through accelerate's
     own FSDP2 preparation (the student's device mesh, wrap policy, ``reshard_after_forward``, mixed precision
     and offload settings), given a copy of the FSDP plugin, since that preparation fits the plugin's
-    wrap policy to the model it sees and the student's must not be fitted to the teacher. The teacher is
-    frozen first, so mixed precision does not upcast its weights to float32 master copies.
+    wrap policy to the model it sees and the student's must not be fitted to the teacher. A teacher that
+    learns keeps its trainable parameters, sharded, and FSDP2 reduce-scatters their gradients in backward.
     """
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    freeze(teacher)
     state = accelerator.state
     student_plugin = state.fsdp_plugin
     teacher_plugin = copy.copy(student_plugin)
@@ -291,10 +296,15 @@ def shard_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
     )
     state.fsdp_plugin = teacher_plugin
     try:
-        sharded = fsdp2_prepare_model(accelerator, teacher)
+        return fsdp2_prepare_model(accelerator, teacher)
     finally:
         state.fsdp_plugin = student_plugin
-    return freeze(sharded)
+
+
+def is_fsdp2(accelerator: Any) -> bool:
+    """Whether the run shards its models with FSDP2."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
 
 
 def teacher_layer_classes(teacher: nn.Module, names: list[str] | None) -> list[str] | None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import is_sharded
 from .master_weights import MasterWeightsAdamW, has_half_precision
 
 logger = logging.getLogger(__name__)
@@ -45,25 +46,45 @@ def enable_activation_checkpointing(model: nn.Module, role: str) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def check_learning_teacher_supported(accelerator: Any) -> None:
-    """FSDP and ZeRO-3 shard parameters across ranks, which our explicit teacher update does not handle."""
+def check_learning_teacher_supported(
+    accelerator: Any, trainer_name: str = "This trainer", shards_under_fsdp2: bool = False
+) -> None:
+    """Refuse the sharding engines a learning teacher cannot train under, with the reason and a way forward.
+
+    ``shards_under_fsdp2``: the trainer's teacher update is plain backward passes (online distillation), which
+    FSDP2 supports: its teacher is sharded like the student. Meta and LGTM differentiate through a virtual
+    update of the student's weights, which FSDP2 hides (docs/algorithms.md, "Teachers that learn, sharded").
+    """
     state = getattr(accelerator, "state", None)
-    if getattr(state, "fsdp_plugin", None) is not None:
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
         raise NotImplementedError(
-            "Training the teacher under FSDP is not supported yet: the teacher's update takes gradients with "
-            "torch.autograd.grad and averages them across ranks with all-reduces of whole tensors, which FSDP's "
-            "sharded parameters do not take part in, and it would need the teacher whole on every rank. Use DDP "
-            "(torchrun / accelerate launch without an FSDP config), a LoRA teacher to fit memory, or "
-            "DistillationTrainer with a frozen teacher (which FSDP2 shards like the student)."
+            f"{trainer_name} does not train its teacher under FSDP1, which accelerate leaves unsharded outside "
+            "the student's wrapper. Set fsdp_version: 2 (accelerate) or fsdp_config={'version': 2} "
+            "(TrainingArguments)"
+            + (", which shards the teacher like the student." if shards_under_fsdp2 else ", or use DDP.")
+        )
+    if fsdp_plugin is not None and not shards_under_fsdp2:
+        raise NotImplementedError(
+            f"{trainer_name} cannot train its teacher under FSDP2: its teacher update differentiates the quiz "
+            "loss through a virtual update of the student's weights (torch.autograd.grad and "
+            "torch.func.functional_call over the student's parameters), and FSDP2 hides those weights from both. "
+            "torch.autograd.grad with respect to the sharded parameters returns no gradient at all (the graph "
+            "reaches only FSDP2's all-gathered copies, whose gradients its own backward hooks move to the "
+            "shards), and inside every fully_shard unit FSDP2 replaces the values functional_call passes with "
+            "its own. Use DDP (torchrun / accelerate launch without an FSDP config), a LoRA teacher to fit "
+            "memory, OnlineDistillTrainer (whose teacher FSDP2 shards), or DistillationTrainer with a frozen "
+            "teacher."
         )
     plugin = getattr(state, "deepspeed_plugin", None)
     if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
         raise NotImplementedError(
-            "Training the teacher under DeepSpeed ZeRO-3 is not supported yet: the meta and LGTM updates read and "
-            "perturb the student's weights outside its forward, where ZeRO-3 holds only each rank's partition "
-            "(online distillation shares their teacher update and is refused with them until it is tested). "
-            "Use ZeRO stage 1 or 2, DDP, a LoRA teacher to fit memory, or DistillationTrainer with a frozen "
-            "teacher (which ZeRO-3 shards in an inference engine)."
+            f"{trainer_name} does not train its teacher under DeepSpeed ZeRO-3: a ZeRO-3 teacher that learns needs "
+            "its own DeepSpeed training engine (its partitioned optimizer, its gradients reduced by the engine), "
+            "which one accelerate run does not build for a second model, and the meta and LGTM updates also read "
+            "and perturb the student's weights outside its forward, where ZeRO-3 holds only each rank's "
+            "partition. Use ZeRO stage 1 or 2, DDP, FSDP2 for OnlineDistillTrainer, a LoRA teacher to fit "
+            "memory, or DistillationTrainer with a frozen teacher (which ZeRO-3 shards in an inference engine)."
         )
 
 
@@ -85,16 +106,21 @@ def create_teacher_optimizer(
     """
     decay_names = set(decay_parameter_names)
     params = trainable_parameters(teacher)
+    master_weights = fp32_master_weights and has_half_precision(params.values())
+    if master_weights and is_sharded(teacher):
+        raise ValueError(
+            "The teacher's trainable weights are in half precision and FSDP2 shards them, where "
+            "teacher_fp32_master_weights=True cannot keep its float32 copies (they would not be sharded). Load "
+            "the teacher in float32 and let FSDP2's mixed precision compute in bf16 (--bf16, or "
+            "mixed_precision_policy in the FSDP config): its sharded float32 weights are the master weights. Or "
+            "set teacher_fp32_master_weights=False to step the half-precision weights directly."
+        )
     groups = [
         {"params": [p for n, p in params.items() if n in decay_names], "weight_decay": weight_decay},
         {"params": [p for n, p in params.items() if n not in decay_names], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    optimizer_class = (
-        MasterWeightsAdamW
-        if fp32_master_weights and has_half_precision(params.values())
-        else torch.optim.AdamW
-    )
+    optimizer_class = MasterWeightsAdamW if master_weights else torch.optim.AdamW
     try:
         return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype

@@ -3,8 +3,9 @@
 `VerifiedCheckpointsMixin` goes before `transformers.Trainer` in a trainer's bases. It writes each
 checkpoint's manifest after every other file (and lets `Trainer` rotate old checkpoints only then),
 verifies a checkpoint before `Trainer.train` reads it, applies a changed learning rate or weight decay to
-the restored optimizer, holds the output folder's run lock, and gives subclasses two hooks for their own
-state: `save_checkpoint_state` and `restore_checkpoint_state`.
+the restored optimizer, holds the output folder's run lock, and gives subclasses three hooks for their own
+state: `gather_checkpoint_state` (every process, for state that is sharded across them),
+`save_checkpoint_state` and `restore_checkpoint_state`.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from ..safety.run_lock import output_dir_lock
 class VerifiedCheckpointsMixin:
     """Whole-checkpoint manifests, verified resumes, changed hyperparameters applied, one run per folder."""
 
-    def save_checkpoint_state(self, folder: str) -> None:
+    def gather_checkpoint_state(self) -> dict[str, Any]:
+        """What `save_checkpoint_state` writes that must first be collected on every process (state sharded
+        across them); called on every process before each checkpoint. None here; subclasses extend it."""
+        return {}
+
+    def save_checkpoint_state(self, folder: str, gathered: dict[str, Any]) -> None:
         """Write what the trainer adds to a checkpoint beside `Trainer`'s files (main process only): its
-        arguments; subclasses add their own state (calling this first)."""
+        arguments; subclasses add their own state (calling this first), ``gathered`` being what
+        `gather_checkpoint_state` returned."""
         save_arguments(folder, self.args.to_dict())
 
     def restore_checkpoint_state(self, folder: str) -> None:
@@ -62,10 +69,11 @@ class VerifiedCheckpointsMixin:
         # The manifest, written after every other file, marks the folder complete; Trainer's rotation of old
         # checkpoints waits for it, so a crash at any point of a save leaves the previous complete checkpoint.
         folder = self._checkpoint_folder(trial)
+        gathered = self.gather_checkpoint_state()
         if self.args.should_save:
             remove_checkpoint_manifest(folder)
             os.makedirs(folder, exist_ok=True)
-            self.save_checkpoint_state(folder)
+            self.save_checkpoint_state(folder, gathered)
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)

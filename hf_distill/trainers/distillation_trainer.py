@@ -235,9 +235,9 @@ class DistillationTrainer(VerifiedCheckpointsMixin, TrainingDataChecksMixin, Stu
             self.representation.add_to_optimizer(optimizer, self.args.learning_rate, self.args.max_grad_norm)
         return optimizer
 
-    def save_checkpoint_state(self, folder: str) -> None:
+    def save_checkpoint_state(self, folder: str, gathered: dict[str, Any]) -> None:
         """The run's arguments and the representation heads; trainers whose teacher learns add its state."""
-        super().save_checkpoint_state(folder)
+        super().save_checkpoint_state(folder, gathered)
         if self.representation is not None and self.representation.has_state:
             save_heads(folder, self.representation.heads)
 

@@ -25,7 +25,9 @@ from ..distributed import (
     all_reduce_mean,
     average_gradients_across_processes,
     broadcast_parameters,
+    is_sharded,
     unwrap_model,
+    whole,
 )
 from ..losses.objectives import online_teacher_loss
 from ..publishing.hub import TeacherPublishingMixin
@@ -35,10 +37,12 @@ from ..teacher.checkpoint import (
     TEACHER_CHECKPOINT_DIR,
     TEACHER_OPTIMIZER_NAME,
     TEACHER_SCHEDULER_NAME,
+    gather_teacher_state,
     load_teacher_optimizer_state,
     load_teacher_weights,
     save_teacher_state,
 )
+from ..teacher.loading import is_fsdp2, shard_teacher
 from ..teacher.optimizer import (
     check_learning_teacher_supported,
     check_teacher_can_learn,
@@ -61,6 +65,10 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
     #: Whether `teacher_step` runs before the student's forward of the step (with ``student=None``) rather
     #: than between that forward and the student's soft labels.
     teacher_steps_before_student_forward: bool = False
+    #: Whether the method's teacher update runs under FSDP2 with the teacher sharded: true where it is plain
+    #: backward passes; a method that differentiates through the student's weights cannot (see
+    #: `check_learning_teacher_supported`).
+    teacher_shards_under_fsdp2: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.teacher_optimizer: torch.optim.Optimizer | None = None
@@ -85,11 +93,15 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
                 f"{type(self).__name__} trains one teacher; got {len(teachers)}. Use DistillationTrainer for an "
                 "ensemble of frozen teachers."
             )
-        check_learning_teacher_supported(self.accelerator)
+        check_learning_teacher_supported(
+            self.accelerator, type(self).__name__, self.teacher_shards_under_fsdp2
+        )
         teacher = teachers[0]
         check_teacher_can_learn(teacher)
         if self.args.teacher_activation_checkpointing:
             enable_activation_checkpointing(teacher, "teacher")
+        if is_fsdp2(self.accelerator):  # sharded like the student; FSDP2 reduces its gradients in backward
+            return [shard_teacher(teacher, self.accelerator)]
         # Placed on the device without a DDP wrapper: its gradients are averaged explicitly.
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         broadcast_parameters(teacher)
@@ -122,7 +134,7 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
             )
             if self._resume_checkpoint is not None:
                 load_teacher_optimizer_state(
-                    self._resume_checkpoint, self.teacher_optimizer, self.teacher_lr_scheduler
+                    self._resume_checkpoint, self.teacher_optimizer, self.teacher_lr_scheduler, teacher
                 )
                 resume_with_changed_arguments(
                     self._resume_checkpoint,
@@ -186,13 +198,15 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
 
     def teacher_optimizer_step(self) -> None:
         """Average the teacher's gradients over processes, clip, step, schedule, and clear them."""
-        params = list(trainable_parameters(self.teacher_models[0]).values())
-        average_gradients_across_processes(params)
+        teacher = self.teacher_models[0]
+        params = list(trainable_parameters(teacher).values())
+        if not is_sharded(teacher):  # FSDP2 reduce-scattered a sharded teacher's gradients in its backward
+            average_gradients_across_processes(params)
         if self.args.teacher_max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.args.teacher_max_grad_norm)
+            norm = whole(torch.nn.utils.clip_grad_norm_(params, self.args.teacher_max_grad_norm))
             self._record("teacher_grad_norm", norm.detach())
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = whole(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         self.nonfinite.watch("teacher's gradient", norm, "teacher")
         if self.nonfinite.should_skip(self.state.global_step + 1, reduce=lambda t: all_reduce_mean([t])[0]):
             self.teacher_optimizer.zero_grad(set_to_none=True)
@@ -248,13 +262,21 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
 
     # ----- checkpoints and resume -------------------------------------------------------------------------------
 
-    def save_checkpoint_state(self, folder: str) -> None:
-        """The representation heads, and the teacher's weights, optimizer and schedule (``teacher/``)."""
-        super().save_checkpoint_state(folder)
-        if self.teacher_optimizer is not None:
-            save_teacher_state(
-                folder, self.teacher_models[0], self.teacher_optimizer, self.teacher_lr_scheduler
+    def gather_checkpoint_state(self) -> dict[str, Any]:
+        """The teacher's weights, optimizer and schedule, whole (gathered from the ranks when FSDP2 shards it)."""
+        gathered = super().gather_checkpoint_state()
+        teacher = self.teacher_models[0]
+        if self.teacher_optimizer is not None and (self.args.should_save or is_sharded(teacher)):
+            gathered["teacher"] = gather_teacher_state(
+                teacher, self.teacher_optimizer, self.teacher_lr_scheduler
             )
+        return gathered
+
+    def save_checkpoint_state(self, folder: str, gathered: dict[str, Any]) -> None:
+        """The representation heads, and the teacher's weights, optimizer and schedule (``teacher/``)."""
+        super().save_checkpoint_state(folder, gathered)
+        if "teacher" in gathered:
+            save_teacher_state(folder, gathered["teacher"])
 
     def restore_checkpoint_state(self, folder: str) -> None:
         """The teacher's weights now; its optimizer and schedule once they are built for this run."""

@@ -20,10 +20,13 @@ class OnlineDistillTrainer(LearningTeacherTrainer):
 
     ``trainer.teacher_model`` is the live teacher; `save_teacher` writes it with its tokenizer. Checkpoints
     hold the teacher, its optimizer and scheduler, and ``train(resume_from_checkpoint=...)`` restores them.
-    The teacher you pass is trained in place: pass a copy (``copy.deepcopy(teacher)``) to keep the original.
+    Under FSDP2 the teacher is sharded like the student, its gradients reduced by FSDP2 and its checkpoint
+    gathered. The teacher you pass is trained in place: pass a copy (``copy.deepcopy(teacher)``) to keep the original.
     """
 
     method_name = "online"
+
+    teacher_shards_under_fsdp2 = True  # the teacher's update is plain backward passes
 
     @classmethod
     def _default_args_class(cls) -> type[OnlineDistillTrainingArguments]:

@@ -1,0 +1,192 @@
+"""One OnlineDistillTrainer run for tests/test_fsdp_online.py: the teacher learns, sharded by FSDP2.
+
+Launched once per rank by ``python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_online_worker.py
+OUTDIR --phase P [--device cuda]`` (each rank takes 8 / world size rows per step), or called in-process through `train_online` with
+``mode="single"`` for the single-process reference (8 rows per step, no sharding). As in tests/fsdp_worker.py
+the data order is sequential and the FSDP2 plugin that accelerate drops on the CPU is put back.
+
+``--phase full`` trains `STEPS` steps with a checkpoint every `SAVE_EVERY`; ``--phase resume`` starts a new
+trainer from that run's first checkpoint and trains to the same end. Each writes ``OUTDIR/<tag>_rank<r>.pt``:
+the losses, the full (gathered) student and teacher weights at the end, and how the teacher is held. The
+student's checkpoints are sharded (``SHARDED_STATE_DICT``, written with torch's DCP); the teacher's are
+gathered. (With a gathered student, ``FULL_STATE_DICT``, the resume hangs on this CPU inside accelerate's
+``load_fsdp_model``: rank 0 broadcasts the student's state, which rank 1, holding an empty one, skips.)
+
+``--phase obstacle`` measures why meta and LGTM are refused under FSDP2 (`measure_obstacle`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from fsdp_worker import (  # noqa: E402
+    FSDP_CONFIG,
+    CPUFSDP2Mixin,
+    full_state,
+    how_teacher_is_held,
+    probe_inputs,
+)
+from testing_utils import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
+
+from hf_distill import OnlineDistillTrainer, OnlineDistillTrainingArguments  # noqa: E402
+
+GLOBAL_BATCH = 8
+STEPS = 4
+SAVE_EVERY = 2
+ROWS = GLOBAL_BATCH * STEPS
+
+
+class CPUFSDP2OnlineDistillTrainer(CPUFSDP2Mixin, OnlineDistillTrainer):
+    """OnlineDistillTrainer with the FSDP2 plugin that accelerate drops on the CPU put back."""
+
+
+def push_teacher_to_fake_hub(trainer: OnlineDistillTrainer, copy_to: Path) -> None:
+    """`push_teacher_to_hub` on every rank, the Hub replaced by a copy of the uploaded folder into ``copy_to``."""
+    import shutil
+
+    from huggingface_hub import HfApi, RepoUrl
+
+    def upload_folder(api: HfApi, *, folder_path: str, **kwargs: object) -> str:
+        shutil.copytree(folder_path, copy_to)
+        return "commit"
+
+    HfApi.create_repo = lambda api, repo_id, **kwargs: RepoUrl(f"https://huggingface.co/{repo_id}")
+    HfApi.upload_folder = upload_folder
+    trainer.push_teacher_to_hub("user/online-teacher")
+
+
+def train_online(
+    outdir: Path, tag: str, mode: str, resume_from: Path | None = None, device: str = "cpu"
+) -> Path:
+    """``mode``: ``single`` (one process, 8 rows per step) or ``fsdp2`` (each rank 8 / world size rows);
+    ``device``: ``cpu`` (gloo) or ``cuda`` (one rank per GPU, NCCL, the plain trainer)."""
+    on_cpu = device == "cpu"
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # The student sharded in its checkpoints (DCP), the teacher gathered; see the module docstring.
+    fsdp_config = {**FSDP_CONFIG, "state_dict_type": "SHARDED_STATE_DICT"}
+    sharding = {"fsdp": True, "fsdp_config": fsdp_config} if mode == "fsdp2" else {}
+    args = OnlineDistillTrainingArguments(
+        output_dir=str(outdir / f"{tag}_trainer"),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=5e-3,
+        teacher_learning_rate=3e-3,
+        alpha=0.5,
+        temperature=2.0,
+        train_sampling_strategy="sequential",
+        save_strategy="steps",
+        save_steps=SAVE_EVERY,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=on_cpu,
+        disable_tqdm=True,
+        seed=0,
+        ddp_backend="gloo" if on_cpu and mode == "fsdp2" else None,
+        **sharding,
+    )
+    trainer_class = CPUFSDP2OnlineDistillTrainer if on_cpu and mode == "fsdp2" else OnlineDistillTrainer
+    trainer = trainer_class(
+        model=tiny_classifier(layers=1, seed=2),
+        teacher_model=tiny_classifier(layers=2, seed=1),
+        args=args,
+        train_dataset=keyword_dataset(ROWS),
+        processing_class=tiny_tokenizer(outdir / f"tok_{tag}_rank{rank}"),
+    )
+    held = how_teacher_is_held(trainer.teacher_model)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.save_teacher(outdir / f"{tag}_saved_teacher")
+    push_teacher_to_fake_hub(trainer, outdir / f"{tag}_pushed_teacher")
+    path = outdir / f"{tag}_rank{rank}.pt"
+    torch.save(
+        {
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "teacher_grad_norms": [
+                h["teacher_grad_norm"] for h in trainer.state.log_history if "teacher_grad_norm" in h
+            ],
+            "student": full_state(trainer.model),
+            "teacher": full_state(trainer.teacher_model),
+            "teacher_held": held,
+            "global_step": trainer.state.global_step,
+        },
+        path,
+    )
+    return path
+
+
+def measure_obstacle(outdir: Path, device: str = "cpu") -> Path:
+    """What FSDP2 does to the two things meta's pilot step and LGTM's lookahead need of the student: the
+    gradient of its loss with respect to its parameters, taken with ``torch.autograd.grad``, and a forward
+    at other weight values through ``torch.func.functional_call``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.func import functional_call
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
+    student = tiny_classifier(layers=1, seed=0).to(device)
+    for layer in student.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    features = {k: v.to(device) for k, v in {**probe_inputs(), "labels": torch.tensor([0, 1, 0, 1])}.items()}
+    params = dict(student.named_parameters())
+    grads = torch.autograd.grad(student(**features).loss, list(params.values()), allow_unused=True)
+    # Whole values for every weight (as an unsharded pilot update would give), as leaves to differentiate.
+    values = {n: p.full_tensor().detach().requires_grad_() for n, p in params.items()}
+    reached = torch.autograd.grad(
+        functional_call(student, values, kwargs=features).loss, list(values.values()), allow_unused=True
+    )
+    layer_names = {n for n in params if n.startswith("bert.encoder.layer.")}
+    path = outdir / f"obstacle_rank{torch.distributed.get_rank()}.pt"
+    torch.save(
+        {
+            "parameters": len(params),
+            "no_gradient": sum(g is None for g in grads),
+            "layer_parameters": len(layer_names),
+            "layer_values_ignored": sum(
+                g is None for n, g in zip(values, reached, strict=True) if n in layer_names
+            ),
+            "other_values_used": sum(
+                g is not None for n, g in zip(values, reached, strict=True) if n not in layer_names
+            ),
+        },
+        path,
+    )
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--phase", choices=["full", "resume", "obstacle"], default="full")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    if cli.phase == "obstacle":
+        measure_obstacle(cli.outdir, cli.device)
+        torch.distributed.destroy_process_group()
+        return
+    resume_from = None
+    if cli.phase == "resume":
+        resume_from = cli.outdir / "full_trainer" / f"checkpoint-{SAVE_EVERY}"
+    train_online(cli.outdir, cli.phase, "fsdp2", resume_from, cli.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -226,11 +226,16 @@ def _holds_weights(model: Any, files: list[str]) -> bool:
     """Whether every parameter and buffer of ``model`` equals the tensor of the same name in ``files``.
 
     A parameter missing from the files (a task head initialised at random, a PEFT adapter) or a different
-    value (a fine-tuned weight) means the module is not that checkpoint. Compared in the module's dtype.
+    value (a fine-tuned weight) means the module is not that checkpoint. Compared in the module's dtype; a
+    module FSDP2 shards is not compared (unverified).
     """
     import torch
     from safetensors import safe_open
 
+    from ..distributed import is_sharded
+
+    if is_sharded(model):  # each rank holds a shard: comparing would take a gather on every process
+        return False
     state = model.state_dict()
     seen: set[str] = set()
     try:

@@ -135,3 +135,14 @@ def test_half_precision_master_weights_are_refused_for_a_sharded_teacher(monkeyp
     with pytest.raises(ValueError, match="FSDP2 shards them, where teacher_fp32_master_weights=True"):
         create_teacher_optimizer(teacher, 1e-3, 0.0, set(), fp32_master_weights=True)
     create_teacher_optimizer(teacher, 1e-3, 0.0, set(), fp32_master_weights=False)  # stepped directly
+
+
+def test_a_numbered_optimizer_state_is_refused_for_a_sharded_teacher(tmp_path, monkeypatch):
+    import hf_distill.teacher.checkpoint as teacher_checkpoint
+
+    teacher = tiny_classifier(1, seed=3)
+    optimizer = create_teacher_optimizer(teacher, 1e-2, 0.0, set())
+    save_teacher_state(tmp_path, gather_teacher_state(teacher, optimizer, None))
+    monkeypatch.setattr(teacher_checkpoint, "is_sharded", lambda model: True)
+    with pytest.raises(ValueError, match="was written by a run whose teacher was not sharded"):
+        load_teacher_optimizer_state(tmp_path, optimizer, None, teacher)

@@ -56,8 +56,7 @@ def gather_teacher_state(
     """The teacher's checkpoint state, whole, on the CPU; call it on every process.
 
     A teacher that FSDP2 shards is gathered with torch's full state-dict API (a collective; the result is
-    complete on the main process only), its optimizer state then keyed by parameter name. Trainer gathers
-    an FSDP2 student the same way for ``SHARDED_STATE_DICT``-free checkpoints.
+    complete on the main process only), its optimizer state then keyed by parameter name.
     """
     params = trainable_parameters(unwrap_model(teacher))
     if is_sharded(teacher):
@@ -222,6 +221,13 @@ def load_teacher_optimizer_state(
 
             set_optimizer_state_dict(
                 teacher, optimizer, saved, options=StateDictOptions(full_state_dict=True)
+            )
+        elif teacher is not None and is_sharded(teacher):
+            raise ValueError(
+                f"{folder / TEACHER_OPTIMIZER_NAME} was written by a run whose teacher was not sharded (its "
+                "parameters are numbered, not named), and this run's teacher is sharded by FSDP2. Resume it "
+                "without FSDP2, or delete that file and set allow_partial_teacher_checkpoint=True to resume the "
+                "teacher's weights with a fresh optimizer."
             )
         else:
             optimizer.load_state_dict(saved)

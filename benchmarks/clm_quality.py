@@ -7,9 +7,11 @@ seed-paired, with 95% intervals.
 Every run is ``examples/run_clm_distill.py`` called in-process on its default corpus (the sentences of the
 GLUE files, found through ``$HF_DISTILL_SHARED/data/glue``; validation files held out): a
 byte-level BPE tokenizer (2,048 tokens) and a 4-layer × 128 Llama teacher
-trained once on the training sentences (cached in ``<out>/teacher`` and shared by every run, with the top-k
-cache of ``kd_topk``), and a 2-layer × 64 Llama student trained per method and seed (``MODELS``, smaller than
-the example's defaults so that 5 seeds fit a shared 2-core CPU), every method for the same steps.
+trained once on the training sentences for ``--teacher_epochs`` (cached in ``<out>/teacher`` and shared by
+every run, with the top-k cache of ``kd_topk``), and a 2-layer × 64 Llama student trained per method and seed
+(``MODELS``, smaller than the example's defaults so that 5 seeds fit a shared 2-core CPU), every method for
+the same steps (``BUDGET``: one epoch). The student alone is also trained for each of ``--sft_epochs``
+(runs ``sft@E``), which shows whether it had converged at the budget.
 
 Resumable and parallel: each finished run leaves ``<out>/runs/<method>-seed<seed>/bench.json`` and is
 skipped next time; a worker claims a run before starting it (``claimed``, with its process id: a claim of a

@@ -48,6 +48,75 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+# ----- whole-weight passes over a model FSDP2 shards ---------------------------------------------------------
+
+
+def unsharded_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s structure to run whole weights through with `torch.func.functional_call`,
+    outside FSDP2's hooks (which put back FSDP2's own weights inside every sharded layer). Take it before
+    sharding. Its trainable parameters live on the meta device (no memory); its frozen parameters and
+    buffers, which never change, stay real."""
+    import copy
+
+    skeleton = copy.deepcopy(model)
+    for module in skeleton.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad:
+                setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta")))
+    return skeleton
+
+
+def whole_trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s trainable parameters, whole: a sharded one all-gathered (a collective), others as they are.
+    Detached: what is differentiated is each caller's own leaf of them."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+class WholeWeightsModel(nn.Module):
+    """``skeleton`` (`unsharded_skeleton`) run at the whole weights ``values`` (by name): a module whose
+    forward is the sharded model's forward at those weights, differentiable in them."""
+
+    def __init__(self, skeleton: nn.Module, values: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.skeleton = skeleton
+        self.values = values
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.func import functional_call
+
+        return functional_call(self.skeleton, self.values, args, kwargs)
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back in ``model``: after a forward without backward (under no_grad)
+    the root unit keeps its whole weights registered, and `named_parameters` returns those instead."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def mean_into_shards(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> None:
+    """Set each sharded parameter's gradient to this rank's shard of the mean over ranks of the whole
+    gradient in ``grads`` (None: no gradient)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    filled = [
+        torch.zeros(p.shape, dtype=p.dtype, device=p.to_local().device) if g is None else g
+        for p, g in zip(params, grads, strict=True)
+    ]
+    for param, grad, given in zip(params, all_reduce_mean(filled), grads, strict=True):
+        if given is not None:  # every rank holds the same mean: each keeps its own shard, no communication
+            param.grad = distribute_tensor(grad, param.device_mesh, param.placements, src_data_rank=None)
+
+
 def is_distributed() -> bool:
     """Whether this process is one of several in an initialised process group."""
     return (

@@ -97,12 +97,12 @@ def _state(fsdp_version: int | None = None, zero_stage: int | None = None) -> Si
 
 def test_fsdp2_refuses_teachers_that_differentiate_through_the_student():
     with pytest.raises(
-        NotImplementedError, match="MetaDistillTrainer cannot train its teacher under FSDP2"
+        NotImplementedError, match="LGTMTrainer cannot train its teacher under FSDP2"
     ) as refusal:
-        check_learning_teacher_supported(SimpleNamespace(state=_state(2)), "MetaDistillTrainer")
-    # The measured obstacle (tests/test_fsdp_online.py measures it) and the ways forward.
+        check_learning_teacher_supported(SimpleNamespace(state=_state(2)), "LGTMTrainer")
+    # The measured obstacle (tests/test_fsdp_learning.py measures it) and the ways forward.
     assert "returns no gradient" in str(refusal.value)
-    assert "OnlineDistillTrainer (whose teacher FSDP2 shards)" in str(refusal.value)
+    assert "OnlineDistillTrainer or MetaDistillTrainer (whose teachers FSDP2 shards)" in str(refusal.value)
 
 
 def test_fsdp2_accepts_a_teacher_trained_by_backward_passes():

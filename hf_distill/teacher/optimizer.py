@@ -51,9 +51,10 @@ def check_learning_teacher_supported(
 ) -> None:
     """Refuse the sharding engines a learning teacher cannot train under, with the reason and a way forward.
 
-    ``shards_under_fsdp2``: the trainer's teacher update is plain backward passes (online distillation), which
-    FSDP2 supports: its teacher is sharded like the student. Meta and LGTM differentiate through a virtual
-    update of the student's weights, which FSDP2 hides (docs/algorithms.md, "Teachers that learn, sharded").
+    ``shards_under_fsdp2``: the trainer's teacher update runs under FSDP2 with its teacher sharded like the
+    student: plain backward passes (online distillation), or passes on gathered whole weights (meta). LGTM
+    differentiates through a virtual update of the student's weights, which FSDP2 hides from a plain pass
+    (docs/algorithms.md, "Teachers that learn, sharded").
     """
     state = getattr(accelerator, "state", None)
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
@@ -66,15 +67,16 @@ def check_learning_teacher_supported(
         )
     if fsdp_plugin is not None and not shards_under_fsdp2:
         raise NotImplementedError(
-            f"{trainer_name} cannot train its teacher under FSDP2: its teacher update differentiates the quiz "
-            "loss through a virtual update of the student's weights (torch.autograd.grad and "
-            "torch.func.functional_call over the student's parameters), and FSDP2 hides those weights from both. "
-            "torch.autograd.grad with respect to the sharded parameters returns no gradient at all (the graph "
-            "reaches only FSDP2's all-gathered copies, whose gradients its own backward hooks move to the "
-            "shards), and inside every fully_shard unit FSDP2 replaces the values functional_call passes with "
-            "its own. Use DDP (torchrun / accelerate launch without an FSDP config), a LoRA teacher to fit "
-            "memory, OnlineDistillTrainer (whose teacher FSDP2 shards), or DistillationTrainer with a frozen "
-            "teacher."
+            f"{trainer_name} cannot train its teacher under FSDP2: its teacher update differentiates through a "
+            "virtual update of the student's weights (torch.autograd.grad and torch.func.functional_call over "
+            "the student's parameters), and FSDP2 hides those weights from both. torch.autograd.grad with respect "
+            "to the sharded parameters returns no gradient at all (the graph reaches only FSDP2's all-gathered "
+            "copies, whose gradients its own backward hooks move to the shards), and inside every fully_shard "
+            "unit FSDP2 replaces the values functional_call passes with its own. MetaDistillTrainer runs its "
+            "pilot on gathered whole weights instead; this trainer's passes have not been moved to them. Use DDP "
+            "(torchrun / accelerate launch without an FSDP config), a LoRA teacher to fit memory, "
+            "OnlineDistillTrainer or MetaDistillTrainer (whose teachers FSDP2 shards), or DistillationTrainer "
+            "with a frozen teacher."
         )
     plugin = getattr(state, "deepspeed_plugin", None)
     if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:

@@ -12,6 +12,11 @@ One optimisation step (every ``meta_every``-th step for the teacher part):
 Under gradient accumulation the step's micro-batches are the pilot's batch: its gradient is their sum, each
 weighted as in the student's real step, taken one micro-batch at a time (a first-order pass for θs', then a
 replay of each micro-batch's forward for its share of the meta-gradient).
+
+Under FSDP2 the pilot runs on whole weights: both models' trainable weights are gathered, the passes go
+through unsharded copies of their structure (FSDP2 hides sharded weights from `torch.autograd.grad` and
+`functional_call`), and each rank keeps its shard of the teacher's mean meta-gradient (docs/algorithms.md,
+"Teachers that learn, sharded").
 """
 
 from __future__ import annotations
@@ -26,7 +31,17 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batch import DistillationBatch
-from ..distributed import all_reduce_mean, is_distributed, zeros_for_missing
+from ..distributed import (
+    WholeWeightsModel,
+    all_reduce_mean,
+    is_distributed,
+    is_sharded,
+    mean_into_shards,
+    reshard,
+    unsharded_skeleton,
+    whole_trainable_parameters,
+    zeros_for_missing,
+)
 from ..losses.influence import global_norm
 from ..losses.meta_gradient import (
     check_second_order_support,
@@ -34,6 +49,7 @@ from ..losses.meta_gradient import (
     meta_gradient,
     pilot_step,
 )
+from ..teacher.loading import is_fsdp2
 from ..teacher.optimizer import trainable_parameters
 from .distillation_trainer import StudentForward, TeacherTargets
 from .meta_config import MetaDistillTrainingArguments
@@ -53,9 +69,18 @@ class MetaDistillTrainer(QuizDistillTrainer):
 
     method_name = "meta"
 
+    teacher_shards_under_fsdp2 = True  # its pilot runs on gathered whole weights
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._skeletons: tuple[nn.Module, nn.Module] | None = None
         super().__init__(*args, **kwargs)
         check_second_order_support(self.model, self.teacher_models[0], self.args)
+
+    def _prepare_teachers(self, teachers: list[nn.Module]) -> list[nn.Module]:
+        # Under FSDP2 the pilot runs the models' structures unsharded: copied here, before either is sharded.
+        if is_fsdp2(self.accelerator) and len(teachers) == 1:
+            self._skeletons = (unsharded_skeleton(self.model), unsharded_skeleton(teachers[0]))
+        return super()._prepare_teachers(teachers)
 
     @classmethod
     def _default_args_class(cls) -> type[MetaDistillTrainingArguments]:
@@ -108,24 +133,30 @@ class MetaDistillTrainer(QuizDistillTrainer):
         the pilot covers every micro-batch of the step (`_meta_gradient_over_micro_batches`).
         """
         unwrapped = self.accelerator.unwrap_model(model)
-        names, params = zip(*trainable_parameters(unwrapped).items(), strict=True)
         teacher = self.teacher_models[0]
         teacher.train()
+        sharded = is_sharded(unwrapped)
+        if sharded:
+            reshard(teacher)  # its last forward (the student's soft labels) had no backward
         teacher_params = list(trainable_parameters(teacher).values())
         micro_batches = self.step_micro_batches(batch)
-        with explain_second_order_errors():
-            if len(micro_batches) == 1:
-                result = self._meta_gradient_of_batch(
-                    unwrapped, names, params, teacher_params, batch, student
-                )
-            else:
-                result = self._meta_gradient_over_micro_batches(
-                    unwrapped, names, params, teacher_params, micro_batches, student.task_items
-                )
-
-        for p, g in zip(teacher_params, result.teacher_grads, strict=True):
-            if g is not None:
-                p.grad = g
+        if sharded:
+            result = self._meta_gradient_on_whole_weights(unwrapped, micro_batches, student.task_items)
+            mean_into_shards(result.teacher_grads, teacher_params)
+        else:
+            names, params = zip(*trainable_parameters(unwrapped).items(), strict=True)
+            with explain_second_order_errors():
+                if len(micro_batches) == 1:
+                    result = self._meta_gradient_of_batch(
+                        unwrapped, names, params, teacher_params, batch, student
+                    )
+                else:
+                    result = self._meta_gradient_over_micro_batches(
+                        unwrapped, names, params, teacher_params, micro_batches, student.task_items
+                    )
+            for p, g in zip(teacher_params, result.teacher_grads, strict=True):
+                if g is not None:
+                    p.grad = g
         self.teacher_optimizer_step()
         self._record("quiz_loss", result.quiz_loss)
         self._record("pilot_grad_norm", result.pilot_norm)
@@ -168,6 +199,34 @@ class MetaDistillTrainer(QuizDistillTrainer):
         task_loss = teacher_outputs.loss.detach() if extra else None
         return _MetaGradient(teacher_grads, quiz_loss, quiz_grads, pilot_norm, task_loss)
 
+    def _meta_gradient_on_whole_weights(
+        self,
+        student: nn.Module,
+        micro_batches: list[DistillationBatch],
+        task_items: torch.Tensor | int | None,
+    ) -> _MetaGradient:
+        """The meta-gradient under FSDP2: the micro-batch passes, on gathered whole weights of both models run
+        through their unsharded skeletons. Its teacher gradients are this rank's, whole (not yet averaged)."""
+        student_skeleton, teacher_skeleton = self._skeletons
+        student_skeleton.train(student.training)
+        teacher_skeleton.train(self.teacher_models[0].training)
+        names, params = zip(*whole_trainable_parameters(student).items(), strict=True)
+        params = tuple(p.requires_grad_(True) for p in params)
+        teacher_values = {
+            n: p.requires_grad_(True) for n, p in whole_trainable_parameters(self.teacher_models[0]).items()
+        }
+        with explain_second_order_errors():
+            return self._meta_gradient_over_micro_batches(
+                WholeWeightsModel(student_skeleton, dict(zip(names, params, strict=True))),
+                names,
+                params,
+                list(teacher_values.values()),
+                micro_batches,
+                task_items,
+                teacher=WholeWeightsModel(teacher_skeleton, teacher_values),
+                quiz_student=student_skeleton,
+            )
+
     def _meta_gradient_over_micro_batches(
         self,
         student_model: nn.Module,
@@ -176,8 +235,13 @@ class MetaDistillTrainer(QuizDistillTrainer):
         teacher_params: list[torch.Tensor],
         micro_batches: list[DistillationBatch],
         task_items: torch.Tensor | int | None,
+        teacher: nn.Module | None = None,
+        quiz_student: nn.Module | None = None,
     ) -> _MetaGradient:
         """The meta-gradient of the step's micro-batches taken together, one micro-batch's graph at a time.
+
+        ``teacher`` (default: the live teacher) gives the teacher's outputs; ``quiz_student`` (default:
+        ``student_model``) is what the quiz loss calls with θs' by name.
 
         The pilot gradient is the sum of the micro-batches' gradients, each loss weighted as Trainer weights
         it in the student's real step, so θs' is the pilot of the step's whole batch. It is taken first order;
@@ -191,7 +255,7 @@ class MetaDistillTrainer(QuizDistillTrainer):
         states, total = [], None
         for batch in micro_batches:
             states.append(_rng_state(device))
-            loss, _ = self._pilot_loss(student_model, batch, task_items, teacher_graph=False)
+            loss, _ = self._pilot_loss(student_model, batch, task_items, teacher_graph=False, teacher=teacher)
             grads = zeros_for_missing(torch.autograd.grad(loss * weight, params, allow_unused=True), params)
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
         if is_distributed():
@@ -201,7 +265,7 @@ class MetaDistillTrainer(QuizDistillTrainer):
         pilot = pilot_step([p.detach() for p in params], total, args.pilot_learning_rate)
 
         # 2. The quiz loss at θs' and v.
-        quiz_loss, quiz_grads = self._quiz_gradient(student_model, names, pilot)
+        quiz_loss, quiz_grads = self._quiz_gradient(quiz_student or student_model, names, pilot)
         del pilot, total
 
         # 3. Each micro-batch's share of the meta-gradient (and of the teacher's task loss).
@@ -209,7 +273,7 @@ class MetaDistillTrainer(QuizDistillTrainer):
         task_loss = None
         for batch, state in zip(micro_batches, states, strict=True):
             with _replayed_rng(state, device):
-                loss, teacher_outputs = self._pilot_loss(student_model, batch, task_items)
+                loss, teacher_outputs = self._pilot_loss(student_model, batch, task_items, teacher=teacher)
             grads = torch.autograd.grad(loss * weight, params, create_graph=True, allow_unused=True)
             share = pilot_step(params, zeros_for_missing(grads, params), args.pilot_learning_rate)
             extra = []
@@ -231,12 +295,13 @@ class MetaDistillTrainer(QuizDistillTrainer):
         batch: DistillationBatch,
         task_items: torch.Tensor | int | None,
         teacher_graph: bool = True,
+        teacher: nn.Module | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """The student's loss on one micro-batch at the current teacher (as its real step computes it, from
         its own forward), with the graph to the student (and to the teacher with ``teacher_graph``); and the
-        teacher's outputs."""
+        teacher's outputs (from ``teacher``, default the live one)."""
         with torch.set_grad_enabled(teacher_graph):
-            teacher_outputs = self._teacher_outputs_with_graph(batch)
+            teacher_outputs = self._teacher_outputs_with_graph(batch, teacher)
         self.nonfinite.watch("teacher's logits", teacher_outputs.logits, "teacher")
         student = self._student_forward(student_model, batch.student, task_items)
         distill, _ = self.distillation_term(student.logits, teacher_outputs.logits, batch.student, task_items)
@@ -244,8 +309,9 @@ class MetaDistillTrainer(QuizDistillTrainer):
 
     # ----- pieces -----------------------------------------------------------------------------------------------
 
-    def _teacher_outputs_with_graph(self, batch: DistillationBatch) -> Any:
-        """The teacher's model outputs on the training batch, with their graph (and its task loss if weighted)."""
+    def _teacher_outputs_with_graph(self, batch: DistillationBatch, teacher: nn.Module | None = None) -> Any:
+        """The teacher's model outputs on the training batch, with their graph (and its task loss if weighted);
+        ``teacher`` defaults to the live one."""
         self._check_batch_has_teacher_inputs(batch)
         with_labels = self.args.teacher_task_weight > 0
         feed = batch.teacher_inputs(self._teacher_arg_names[0], with_labels=with_labels)
@@ -254,7 +320,7 @@ class MetaDistillTrainer(QuizDistillTrainer):
                 "teacher_task_weight > 0 needs labels in the training batch for the teacher's task loss; add "
                 "labels or set teacher_task_weight=0."
             )
-        outputs = self.teacher_models[0](**feed)
+        outputs = (teacher or self.teacher_models[0])(**feed)
         if with_labels and outputs.loss is None:
             raise ValueError(
                 "The teacher returned no loss for its labels, so teacher_task_weight > 0 has nothing to weight; "

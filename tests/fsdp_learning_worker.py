@@ -1,9 +1,10 @@
-"""One OnlineDistillTrainer run for tests/test_fsdp_online.py: the teacher learns, sharded by FSDP2.
+"""One run of a learning teacher (online or meta) for tests/test_fsdp_learning.py, the teacher sharded by FSDP2.
 
-Launched once per rank by ``python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_online_worker.py
-OUTDIR --phase P [--device cuda]`` (each rank takes 8 / world size rows per step), or called in-process through `train_online` with
-``mode="single"`` for the single-process reference (8 rows per step, no sharding). As in tests/fsdp_worker.py
-the data order is sequential and the FSDP2 plugin that accelerate drops on the CPU is put back.
+Launched once per rank by ``python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_learning_worker.py
+OUTDIR --phase P --method M [--device cuda]`` (each rank takes 8 / world size rows per step), or called
+in-process through `train_learning` with ``mode="single"`` for the single-process reference (8 rows per step,
+no sharding). As in tests/fsdp_worker.py the data order is sequential and the FSDP2 plugin that accelerate
+drops on the CPU is put back.
 
 ``--phase full`` trains `STEPS` steps with a checkpoint every `SAVE_EVERY`; ``--phase resume`` starts a new
 trainer from that run's first checkpoint and trains to the same end. Each writes ``OUTDIR/<tag>_rank<r>.pt``:
@@ -12,7 +13,7 @@ student's checkpoints are sharded (``SHARDED_STATE_DICT``, written with torch's 
 gathered. (With a gathered student, ``FULL_STATE_DICT``, the resume hangs on this CPU inside accelerate's
 ``load_fsdp_model``: rank 0 broadcasts the student's state, which rank 1, holding an empty one, skips.)
 
-``--phase obstacle`` measures why meta and LGTM are refused under FSDP2 (`measure_obstacle`).
+``--phase obstacle`` measures why a plain pass over a sharded student cannot serve meta or LGTM (`measure_obstacle`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from fsdp_worker import (  # noqa: E402
 )
 from testing_utils import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
 
-from hf_distill import OnlineDistillTrainer, OnlineDistillTrainingArguments  # noqa: E402
+from hf_distill import (  # noqa: E402
+    MetaDistillTrainer,
+    MetaDistillTrainingArguments,
+    OnlineDistillTrainer,
+    OnlineDistillTrainingArguments,
+)
 
 GLOBAL_BATCH = 8
 STEPS = 4
@@ -48,6 +54,25 @@ ROWS = GLOBAL_BATCH * STEPS
 
 class CPUFSDP2OnlineDistillTrainer(CPUFSDP2Mixin, OnlineDistillTrainer):
     """OnlineDistillTrainer with the FSDP2 plugin that accelerate drops on the CPU put back."""
+
+
+class CPUFSDP2MetaDistillTrainer(CPUFSDP2Mixin, MetaDistillTrainer):
+    """MetaDistillTrainer with the FSDP2 plugin that accelerate drops on the CPU put back."""
+
+
+# Per method: the trainer, its CPU-FSDP2 twin, its arguments, and what they add to the common ones. Meta's
+# quiz is a third of the rows (so as many training rows as online's); a large pilot step makes its
+# meta-gradient stand far above rounding.
+METHODS = {
+    "online": (OnlineDistillTrainer, CPUFSDP2OnlineDistillTrainer, OnlineDistillTrainingArguments, {}, ROWS),
+    "meta": (
+        MetaDistillTrainer,
+        CPUFSDP2MetaDistillTrainer,
+        MetaDistillTrainingArguments,
+        {"quiz_split": 1 / 3, "pilot_learning_rate": 0.5},
+        ROWS * 3 // 2,
+    ),
+}
 
 
 def push_teacher_to_fake_hub(trainer: OnlineDistillTrainer, copy_to: Path) -> None:
@@ -62,21 +87,28 @@ def push_teacher_to_fake_hub(trainer: OnlineDistillTrainer, copy_to: Path) -> No
 
     HfApi.create_repo = lambda api, repo_id, **kwargs: RepoUrl(f"https://huggingface.co/{repo_id}")
     HfApi.upload_folder = upload_folder
-    trainer.push_teacher_to_hub("user/online-teacher")
+    trainer.push_teacher_to_hub("user/learned-teacher")
 
 
-def train_online(
-    outdir: Path, tag: str, mode: str, resume_from: Path | None = None, device: str = "cpu"
+def train_learning(
+    outdir: Path,
+    tag: str,
+    mode: str,
+    method: str = "online",
+    resume_from: Path | None = None,
+    device: str = "cpu",
 ) -> Path:
-    """``mode``: ``single`` (one process, 8 rows per step) or ``fsdp2`` (each rank 8 / world size rows);
-    ``device``: ``cpu`` (gloo) or ``cuda`` (one rank per GPU, NCCL, the plain trainer)."""
+    """``method``: ``online`` or ``meta``; ``mode``: ``single`` (one process, 8 rows per step) or ``fsdp2``
+    (each rank 8 / world size rows); ``device``: ``cpu`` (gloo) or ``cuda`` (one rank per GPU, NCCL, the
+    plain trainer)."""
+    trainer_base, cpu_fsdp2_trainer, args_class, extra_args, rows = METHODS[method]
     on_cpu = device == "cpu"
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # The student sharded in its checkpoints (DCP), the teacher gathered; see the module docstring.
     fsdp_config = {**FSDP_CONFIG, "state_dict_type": "SHARDED_STATE_DICT"}
     sharding = {"fsdp": True, "fsdp_config": fsdp_config} if mode == "fsdp2" else {}
-    args = OnlineDistillTrainingArguments(
+    args = args_class(
         output_dir=str(outdir / f"{tag}_trainer"),
         per_device_train_batch_size=GLOBAL_BATCH // world,
         max_steps=STEPS,
@@ -94,13 +126,14 @@ def train_online(
         seed=0,
         ddp_backend="gloo" if on_cpu and mode == "fsdp2" else None,
         **sharding,
+        **extra_args,
     )
-    trainer_class = CPUFSDP2OnlineDistillTrainer if on_cpu and mode == "fsdp2" else OnlineDistillTrainer
+    trainer_class = cpu_fsdp2_trainer if on_cpu and mode == "fsdp2" else trainer_base
     trainer = trainer_class(
         model=tiny_classifier(layers=1, seed=2),
         teacher_model=tiny_classifier(layers=2, seed=1),
         args=args,
-        train_dataset=keyword_dataset(ROWS),
+        train_dataset=keyword_dataset(rows),
         processing_class=tiny_tokenizer(outdir / f"tok_{tag}_rank{rank}"),
     )
     held = how_teacher_is_held(trainer.teacher_model)
@@ -173,6 +206,7 @@ def main() -> None:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--phase", choices=["full", "resume", "obstacle"], default="full")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--method", choices=sorted(METHODS), default="online")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     if cli.phase == "obstacle":
@@ -182,7 +216,7 @@ def main() -> None:
     resume_from = None
     if cli.phase == "resume":
         resume_from = cli.outdir / "full_trainer" / f"checkpoint-{SAVE_EVERY}"
-    train_online(cli.outdir, cli.phase, "fsdp2", resume_from, cli.device)
+    train_learning(cli.outdir, cli.phase, "fsdp2", cli.method, resume_from, cli.device)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

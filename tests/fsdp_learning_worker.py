@@ -40,6 +40,8 @@ from fsdp_worker import (  # noqa: E402
 from testing_utils import keyword_dataset, tiny_classifier, tiny_tokenizer  # noqa: E402
 
 from hf_distill import (  # noqa: E402
+    LGTMTrainer,
+    LGTMTrainingArguments,
     MetaDistillTrainer,
     MetaDistillTrainingArguments,
     OnlineDistillTrainer,
@@ -60,9 +62,13 @@ class CPUFSDP2MetaDistillTrainer(CPUFSDP2Mixin, MetaDistillTrainer):
     """MetaDistillTrainer with the FSDP2 plugin that accelerate drops on the CPU put back."""
 
 
-# Per method: the trainer, its CPU-FSDP2 twin, its arguments, and what they add to the common ones. Meta's
-# quiz is a third of the rows (so as many training rows as online's); a large pilot step makes its
-# meta-gradient stand far above rounding.
+class CPUFSDP2LGTMTrainer(CPUFSDP2Mixin, LGTMTrainer):
+    """LGTMTrainer with the FSDP2 plugin that accelerate drops on the CPU put back."""
+
+
+# Per method: the trainer, its CPU-FSDP2 twin, its arguments, what they add to the common ones, and the rows.
+# The quiz of meta and LGTM is a third of the rows (so as many training rows as online's); a large pilot step
+# makes meta's gradient stand far above rounding; LGTM replays the student's AdamW in its lookahead.
 METHODS = {
     "online": (OnlineDistillTrainer, CPUFSDP2OnlineDistillTrainer, OnlineDistillTrainingArguments, {}, ROWS),
     "meta": (
@@ -70,6 +76,13 @@ METHODS = {
         CPUFSDP2MetaDistillTrainer,
         MetaDistillTrainingArguments,
         {"quiz_split": 1 / 3, "pilot_learning_rate": 0.5},
+        ROWS * 3 // 2,
+    ),
+    "lgtm": (
+        LGTMTrainer,
+        CPUFSDP2LGTMTrainer,
+        LGTMTrainingArguments,
+        {"quiz_split": 1 / 3, "influence_scale": 10.0},
         ROWS * 3 // 2,
     ),
 }

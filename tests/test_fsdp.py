@@ -95,19 +95,25 @@ def _state(fsdp_version: int | None = None, zero_stage: int | None = None) -> Si
     )
 
 
-def test_fsdp2_refuses_teachers_that_differentiate_through_the_student():
+def test_fsdp2_refuses_a_teacher_update_it_cannot_run_sharded():
+    # A LearningTeacherTrainer subclass that does not declare teacher_shards_under_fsdp2.
     with pytest.raises(
-        NotImplementedError, match="LGTMTrainer cannot train its teacher under FSDP2"
+        NotImplementedError, match="MyTeacherTrainer cannot train its teacher under FSDP2"
     ) as refusal:
-        check_learning_teacher_supported(SimpleNamespace(state=_state(2)), "LGTMTrainer")
+        check_learning_teacher_supported(SimpleNamespace(state=_state(2)), "MyTeacherTrainer")
     # The measured obstacle (tests/test_fsdp_learning.py measures it) and the ways forward.
     assert "returns no gradient" in str(refusal.value)
-    assert "OnlineDistillTrainer or MetaDistillTrainer (whose teachers FSDP2 shards)" in str(refusal.value)
+    assert "(OnlineDistillTrainer, MetaDistillTrainer, LGTMTrainer)" in str(refusal.value)
 
 
-def test_fsdp2_accepts_a_teacher_trained_by_backward_passes():
+@pytest.mark.parametrize("trainer_class", ["OnlineDistillTrainer", "MetaDistillTrainer", "LGTMTrainer"])
+def test_fsdp2_accepts_the_shipped_learning_teachers(trainer_class):
+    import hf_distill
+
+    trainer = getattr(hf_distill, trainer_class)
+    assert trainer.teacher_shards_under_fsdp2  # each is tested sharded in tests/test_fsdp_learning.py
     check_learning_teacher_supported(
-        SimpleNamespace(state=_state(2)), "OnlineDistillTrainer", shards_under_fsdp2=True
+        SimpleNamespace(state=_state(2)), trainer_class, trainer.teacher_shards_under_fsdp2
     )
 
 

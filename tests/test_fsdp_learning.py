@@ -1,6 +1,6 @@
-"""Teachers that learn, sharded by FSDP2: OnlineDistillTrainer and MetaDistillTrainer on 2 CPU processes (gloo)
-against one process, their sharded checkpoints resumed, and the measured reason a plain pass over a sharded
-student cannot serve meta's pilot or LGTM's lookahead (meta runs them on gathered whole weights instead).
+"""Teachers that learn, sharded by FSDP2: OnlineDistillTrainer, MetaDistillTrainer and LGTMTrainer on 2 CPU
+processes (gloo) against one process, their sharded checkpoints resumed, and the measured reason a plain pass
+over a sharded student cannot serve meta's pilot or LGTM's lookahead (they run on gathered whole weights).
 
 The 2-process runs put back the FSDP2 plugin that accelerate drops on the CPU (tests/fsdp_worker.py);
 tests/fsdp_learning_worker.py runs them. ``HF_DISTILL_TEST_DEVICE=cuda`` runs the same checks with one rank per
@@ -43,7 +43,7 @@ class TestLearningTeacherUnderFSDP2:
     """Per method, one uninterrupted 2-rank run, one resumed from its first checkpoint, and the single-process
     reference."""
 
-    @pytest.fixture(scope="class", params=["online", "meta"])
+    @pytest.fixture(scope="class", params=["online", "meta", "lgtm"])
     def runs(self, request, tmp_path_factory) -> dict:
         import fsdp_learning_worker
 
@@ -117,8 +117,8 @@ class TestLearningTeacherUnderFSDP2:
 @pytest.mark.distributed
 @can_launch
 def test_fsdp2_hides_the_student_weights_meta_and_lgtm_differentiate(tmp_path):
-    """Why meta's pilot runs on gathered whole weights under FSDP2, and why LGTM (whose lookahead does not yet)
-    is refused there: if torch changes this, this test fails and both should be revisited."""
+    """Why meta's pilot and LGTM's lookahead run on gathered whole weights under FSDP2: if torch changes this,
+    this test fails and that detour should be revisited."""
     launch_ranks(WORKER, RANKS, str(tmp_path), "--phase", "obstacle", "--device", DEVICE)
     for rank in range(RANKS):
         found = load_result(tmp_path / f"obstacle_rank{rank}.pt")

@@ -768,3 +768,13 @@ def test_two_micro_batches_of_four_make_the_step_of_one_batch_of_eight(tmp_path,
             atol=1e-6,
             msg=key,
         )
+
+
+def test_pre_update_is_refused_under_fsdp2(tmp_path, tokenizer, monkeypatch):
+    # Its teacher step reads the student's gradient after the backward, which FSDP2 leaves sharded.
+    import hf_distill.trainers.lgtm_trainer as lgtm_trainer
+
+    monkeypatch.setattr(lgtm_trainer, "is_fsdp2", lambda accelerator: True)
+    with pytest.raises(ValueError, match="which FSDP2 leaves sharded; use lgtm_student_targets='updated'"):
+        make_trainer(tmp_path, tokenizer, lgtm_student_targets="pre_update")
+    make_trainer(tmp_path / "updated", tokenizer)  # the default form is accepted

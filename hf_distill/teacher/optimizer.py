@@ -52,9 +52,9 @@ def check_learning_teacher_supported(
     """Refuse the sharding engines a learning teacher cannot train under, with the reason and a way forward.
 
     ``shards_under_fsdp2``: the trainer's teacher update runs under FSDP2 with its teacher sharded like the
-    student: plain backward passes (online distillation), or passes on gathered whole weights (meta). LGTM
-    differentiates through a virtual update of the student's weights, which FSDP2 hides from a plain pass
-    (docs/algorithms.md, "Teachers that learn, sharded").
+    student: plain backward passes (online distillation), or passes on gathered whole weights (meta, LGTM).
+    A trainer whose update differentiates through a virtual update of the student's weights by plain passes
+    is refused: FSDP2 hides those weights from them (docs/algorithms.md, "Teachers that learn, sharded").
     """
     state = getattr(accelerator, "state", None)
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
@@ -72,11 +72,11 @@ def check_learning_teacher_supported(
             "the student's parameters), and FSDP2 hides those weights from both. torch.autograd.grad with respect "
             "to the sharded parameters returns no gradient at all (the graph reaches only FSDP2's all-gathered "
             "copies, whose gradients its own backward hooks move to the shards), and inside every fully_shard "
-            "unit FSDP2 replaces the values functional_call passes with its own. MetaDistillTrainer runs its "
-            "pilot on gathered whole weights instead; this trainer's passes have not been moved to them. Use DDP "
-            "(torchrun / accelerate launch without an FSDP config), a LoRA teacher to fit memory, "
-            "OnlineDistillTrainer or MetaDistillTrainer (whose teachers FSDP2 shards), or DistillationTrainer "
-            "with a frozen teacher."
+            "unit FSDP2 replaces the values functional_call passes with its own. MetaDistillTrainer and "
+            "LGTMTrainer run these passes on gathered whole weights (QuizDistillTrainer.whole_weights); this "
+            "trainer does not. Use DDP (torchrun / accelerate launch without an FSDP config), one of the "
+            "trainers whose teachers FSDP2 shards (OnlineDistillTrainer, MetaDistillTrainer, LGTMTrainer), or "
+            "DistillationTrainer with a frozen teacher."
         )
     plugin = getattr(state, "deepspeed_plugin", None)
     if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:

@@ -30,7 +30,14 @@ from torch.profiler import record_function
 
 from ..data.batch import DistillationBatch, dataset_columns
 from ..data.label_checks import find_label_column
-from ..distributed import all_reduce_mean, zeros_for_missing
+from ..distributed import (
+    all_reduce_mean,
+    is_sharded,
+    mean_into_shards,
+    reshard,
+    whole,
+    zeros_for_missing,
+)
 from ..losses.influence import (
     adamw_lookahead,
     clip_coefficient,
@@ -44,7 +51,7 @@ from ..losses.influence import (
     sgd_lookahead,
 )
 from ..losses.objectives import kl_divergence, labelled_cross_entropy
-from ..teacher.loading import SEQUENCE_CLASSIFICATION
+from ..teacher.loading import SEQUENCE_CLASSIFICATION, is_fsdp2
 from ..teacher.optimizer import trainable_parameters
 from .distillation_trainer import StudentForward, TeacherTargets
 from .lgtm_config import LGTMTrainingArguments
@@ -85,6 +92,11 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
                 "lgtm_student_targets='pre_update' steps the teacher from the student's gradient right after the "
                 "backward of the micro-batch whose teacher forward it reuses",
                 "or lgtm_student_targets='updated', which supports accumulation",
+            )
+        if self.args.lgtm_student_targets == "pre_update" and is_fsdp2(self.accelerator):
+            raise ValueError(
+                "lgtm_student_targets='pre_update' reads the student's gradient after its backward, which FSDP2 "
+                "leaves sharded; use lgtm_student_targets='updated' (the default) under FSDP2."
             )
         if self.args.lgtm_student_targets == "pre_update" and self.args.fp16:
             raise ValueError(
@@ -165,10 +177,12 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
             self._store_influence(record, targets.logits, batch.labels)
         return targets
 
-    def _teacher_logits_with_graph(self, batch: DistillationBatch) -> torch.Tensor:
+    def _teacher_logits_with_graph(
+        self, batch: DistillationBatch, teacher: nn.Module | None = None
+    ) -> torch.Tensor:
         """The one teacher forward of the step, in training mode and with its graph: L_aux and both
-        influence terms differentiate through it."""
-        teacher = self.teacher_models[0]
+        influence terms differentiate through it. ``teacher`` defaults to the live one."""
+        teacher = teacher or self.teacher_models[0]
         teacher.train()
         with record_function("lgtm.teacher_forward"):
             logits = teacher(**batch.teacher_inputs(self._teacher_arg_names[0])).logits
@@ -195,10 +209,20 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
         batch = DistillationBatch.from_collated(inputs)
         micro_batches = self.step_micro_batches(batch) if student_grads is None else [batch]
         student = self.accelerator.unwrap_model(model)
-        names, params = zip(*trainable_parameters(student).items(), strict=True)
+        # Under FSDP2 every pass runs on the gathered whole weights of both models (`whole_weights`).
+        whole = self.whole_weights(student) if is_sharded(student) else None
+        sharded_student_params = None
+        if whole is None:
+            names, params = zip(*trainable_parameters(student).items(), strict=True)
+            functional_student = student
+        else:
+            reshard(student)  # the optimizer holds the shards, which an evaluation forward may have left out
+            sharded_student_params = list(trainable_parameters(student).values())
+            names, params = zip(*whole.student_values.items(), strict=True)
+            student, functional_student = whole.student, whole.student_skeleton
         # The teacher's forward of each micro-batch, with its graph until the teacher's backward.
         teacher_chunks = (
-            [self._teacher_logits_with_graph(b) for b in micro_batches]
+            [self._teacher_logits_with_graph(b, whole and whole.teacher) for b in micro_batches]
             if teacher_logits is None
             else [teacher_logits]
         )
@@ -216,7 +240,7 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
                     "lgtm_teacher_update got student_grads without student_logits: pass the (detached) logits "
                     "of the forward those gradients were taken at, or neither to run the lookahead's own forward."
                 )
-            lookahead_params = self._lookahead(params, student_grads)
+            lookahead_params = self._lookahead(params, student_grads, sharded_student_params)
             del student_grads  # in the faithful step, a parameter-sized set no later pass needs
 
         # 2. v: the quiz gradient at θs'. Influence passes run without dropout so θs' and θs± see one network.
@@ -225,7 +249,7 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
             try:
                 quiz = DistillationBatch.from_collated(self.quiz_batch())
                 quiz_loss, direction = self.quiz_gradient(
-                    student,
+                    functional_student,
                     names,
                     lookahead_params,
                     quiz.features,
@@ -237,7 +261,12 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
                 weights = torch.cat(
                     [
                         self._influence_weights(
-                            student, names, params, b.features, t.detach() if weights_form else t, direction
+                            functional_student,
+                            names,
+                            params,
+                            b.features,
+                            t.detach() if weights_form else t,
+                            direction,
                         )
                         for b, t in zip(micro_batches, teacher_chunks, strict=True)
                     ]
@@ -249,13 +278,23 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
         # 4. The teacher's gradient, one backward through the one teacher forward: L_aux − λ · mean_i w_i, or
         # L_aux with each sample's distillation term weighted by ŵ.
         with record_function("lgtm.teacher_backward_and_step"):
+            teacher_params = None if whole is None else list(whole.teacher_values.values())
             if weights_form:
                 sample_weights = influence_sample_weights(weights, self.args.influence_weight_beta)
-                self._teacher_backward(teacher_logits, student_logits, rows.labels, None, sample_weights)
+                self._teacher_backward(
+                    teacher_logits, student_logits, rows.labels, None, sample_weights, teacher_params
+                )
                 self._record_sample_weights(sample_weights)
                 scale = None
             else:
-                scale = self._teacher_backward(teacher_logits, student_logits, rows.labels, weights.mean())
+                scale = self._teacher_backward(
+                    teacher_logits, student_logits, rows.labels, weights.mean(), teacher_params=teacher_params
+                )
+            if whole is not None:  # each rank keeps its shard of the whole gradients' mean over ranks
+                mean_into_shards(
+                    [p.grad for p in teacher_params],
+                    list(trainable_parameters(self.teacher_models[0]).values()),
+                )
             self.teacher_optimizer_step()
         self._log_influence(weights, quiz_loss, scale)
         return self.influence_record(weights, rows, student_logits)
@@ -333,9 +372,11 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
         labels: torch.Tensor,
         influence: torch.Tensor | None,
         sample_weights: torch.Tensor | None = None,
+        teacher_params: list[torch.Tensor] | None = None,
     ) -> float | None:
-        """The teacher's gradient of ``L_aux − λ · influence`` in ``.grad``, one backward through its forward;
-        returns λ. ``influence=None`` (sample_weights form): L_aux alone, its distillation term weighted."""
+        """The teacher's gradient of ``L_aux − λ · influence`` in ``.grad`` of ``teacher_params`` (default: the
+        live teacher's trainable parameters), one backward through its forward; returns λ.
+        ``influence=None`` (sample_weights form): L_aux alone, its distillation term weighted."""
         aux_loss = self._teacher_aux_loss(teacher_logits, student_logits.detach(), labels, sample_weights)
         self.nonfinite.watch("teacher's loss", aux_loss, "teacher")
         if influence is None:
@@ -348,7 +389,8 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
             return scale
         # Separate gradients: the ratio rule needs both norms, and on logging steps they tell users whether the
         # influence term matters at this λ (an extra backward).
-        teacher_params = list(trainable_parameters(self.teacher_models[0]).values())
+        if teacher_params is None:
+            teacher_params = list(trainable_parameters(self.teacher_models[0]).values())
         aux_grads = torch.autograd.grad(aux_loss, teacher_params, retain_graph=True, allow_unused=True)
         influence_grads = torch.autograd.grad(-influence, teacher_params, allow_unused=True)
         aux_norm = global_norm([g for g in aux_grads if g is not None])
@@ -413,15 +455,21 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
             )
         return args.alpha * self.objective(student_logits, teacher_logits, reduction="none")
 
-    def _lookahead(self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """θs' after one student step, without touching the student or its optimizer."""
+    def _lookahead(
+        self,
+        params: tuple[torch.Tensor, ...],
+        grads: list[torch.Tensor],
+        optimized: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """θs' after one student step, without touching the student or its optimizer. ``optimized``: the
+        parameters the optimizer holds for ``params`` when those are their gathered whole values (FSDP2)."""
         # The clipping factor, applied one parameter at a time: no clipped copy of the whole gradient.
         coefficient = clip_coefficient(grads, self.args.max_grad_norm)
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         updated = []
-        for p, g in zip(params, grads, strict=True):
-            group = group_of[id(p)]
+        for p, g, held in zip(params, grads, optimized or params, strict=True):
+            group = group_of[id(held)]
             if coefficient is not None:
                 g = g * coefficient
             if self.args.lookahead == "sgd":
@@ -430,7 +478,7 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
             updated += adamw_lookahead(
                 [p],
                 [g],
-                [optimizer.state.get(p, {})],
+                [{k: whole(v) for k, v in optimizer.state.get(held, {}).items()}],
                 group["lr"],
                 group["betas"],
                 group["eps"],

@@ -31,17 +31,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batch import DistillationBatch
-from ..distributed import (
-    WholeWeightsModel,
-    all_reduce_mean,
-    is_distributed,
-    is_sharded,
-    mean_into_shards,
-    reshard,
-    unsharded_skeleton,
-    whole_trainable_parameters,
-    zeros_for_missing,
-)
+from ..distributed import all_reduce_mean, is_distributed, is_sharded, mean_into_shards, zeros_for_missing
 from ..losses.influence import global_norm
 from ..losses.meta_gradient import (
     check_second_order_support,
@@ -49,7 +39,6 @@ from ..losses.meta_gradient import (
     meta_gradient,
     pilot_step,
 )
-from ..teacher.loading import is_fsdp2
 from ..teacher.optimizer import trainable_parameters
 from .distillation_trainer import StudentForward, TeacherTargets
 from .meta_config import MetaDistillTrainingArguments
@@ -69,18 +58,9 @@ class MetaDistillTrainer(QuizDistillTrainer):
 
     method_name = "meta"
 
-    teacher_shards_under_fsdp2 = True  # its pilot runs on gathered whole weights
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._skeletons: tuple[nn.Module, nn.Module] | None = None
         super().__init__(*args, **kwargs)
         check_second_order_support(self.model, self.teacher_models[0], self.args)
-
-    def _prepare_teachers(self, teachers: list[nn.Module]) -> list[nn.Module]:
-        # Under FSDP2 the pilot runs the models' structures unsharded: copied here, before either is sharded.
-        if is_fsdp2(self.accelerator) and len(teachers) == 1:
-            self._skeletons = (unsharded_skeleton(self.model), unsharded_skeleton(teachers[0]))
-        return super()._prepare_teachers(teachers)
 
     @classmethod
     def _default_args_class(cls) -> type[MetaDistillTrainingArguments]:
@@ -135,15 +115,12 @@ class MetaDistillTrainer(QuizDistillTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         teacher = self.teacher_models[0]
         teacher.train()
-        sharded = is_sharded(unwrapped)
-        if sharded:
-            reshard(teacher)  # its last forward (the student's soft labels) had no backward
-        teacher_params = list(trainable_parameters(teacher).values())
         micro_batches = self.step_micro_batches(batch)
-        if sharded:
+        if is_sharded(unwrapped):
             result = self._meta_gradient_on_whole_weights(unwrapped, micro_batches, student.task_items)
-            mean_into_shards(result.teacher_grads, teacher_params)
+            mean_into_shards(result.teacher_grads, list(trainable_parameters(teacher).values()))
         else:
+            teacher_params = list(trainable_parameters(teacher).values())
             names, params = zip(*trainable_parameters(unwrapped).items(), strict=True)
             with explain_second_order_errors():
                 if len(micro_batches) == 1:
@@ -207,24 +184,18 @@ class MetaDistillTrainer(QuizDistillTrainer):
     ) -> _MetaGradient:
         """The meta-gradient under FSDP2: the micro-batch passes, on gathered whole weights of both models run
         through their unsharded skeletons. Its teacher gradients are this rank's, whole (not yet averaged)."""
-        student_skeleton, teacher_skeleton = self._skeletons
-        student_skeleton.train(student.training)
-        teacher_skeleton.train(self.teacher_models[0].training)
-        names, params = zip(*whole_trainable_parameters(student).items(), strict=True)
-        params = tuple(p.requires_grad_(True) for p in params)
-        teacher_values = {
-            n: p.requires_grad_(True) for n, p in whole_trainable_parameters(self.teacher_models[0]).items()
-        }
+        whole = self.whole_weights(student)
+        names, params = zip(*whole.student_values.items(), strict=True)
         with explain_second_order_errors():
             return self._meta_gradient_over_micro_batches(
-                WholeWeightsModel(student_skeleton, dict(zip(names, params, strict=True))),
+                whole.student,
                 names,
                 params,
-                list(teacher_values.values()),
+                list(whole.teacher_values.values()),
                 micro_batches,
                 task_items,
-                teacher=WholeWeightsModel(teacher_skeleton, teacher_values),
-                quiz_student=student_skeleton,
+                teacher=whole.teacher,
+                quiz_student=whole.student_skeleton,
             )
 
     def _meta_gradient_over_micro_batches(

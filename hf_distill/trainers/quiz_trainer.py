@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,11 +14,35 @@ from torch.func import functional_call
 from ..data.batch import ROW_ID, DistillationBatch, dataset_columns
 from ..data.label_checks import check_not_empty, find_label_column
 from ..data.quiz import labelled_quiz, quiz_indices, split_quiz
-from ..distributed import all_reduce_mean, zeros_for_missing
+from ..distributed import (
+    WholeWeightsModel,
+    all_reduce_mean,
+    reshard,
+    unsharded_skeleton,
+    whole_trainable_parameters,
+    zeros_for_missing,
+)
+from ..teacher.loading import is_fsdp2
 from .learning_teacher_trainer import LearningTeacherTrainer
 from .quiz_config import QuizDistillTrainingArguments
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WholeWeights:
+    """Both models at their gathered whole trainable weights, for the passes FSDP2 cannot run sharded.
+
+    ``student``/``teacher``: modules whose forward runs at those weights (differentiable in them);
+    ``student_skeleton``: what to `functional_call` with other student weights by name; ``student_values`` and
+    ``teacher_values``: the weights, as leaves that require grad, by name.
+    """
+
+    student: nn.Module
+    student_skeleton: nn.Module
+    student_values: dict[str, torch.Tensor]
+    teacher: nn.Module
+    teacher_values: dict[str, torch.Tensor]
 
 
 class QuizDistillTrainer(LearningTeacherTrainer):
@@ -84,6 +109,35 @@ class QuizDistillTrainer(LearningTeacherTrainer):
     @classmethod
     def _default_args_class(cls) -> type[QuizDistillTrainingArguments]:
         return QuizDistillTrainingArguments
+
+    # Under FSDP2 the passes through the student's virtual weights run on gathered whole weights
+    # (`whole_weights`; https://hf-distill.readthedocs.io/algorithms/, "Teachers that learn, sharded").
+    teacher_shards_under_fsdp2 = True
+
+    def _prepare_teachers(self, teachers: list[nn.Module]) -> list[nn.Module]:
+        # The models' structures, copied before either is sharded, for the passes on whole weights.
+        self._skeletons = None
+        if is_fsdp2(self.accelerator) and len(teachers) == 1:
+            self._skeletons = (unsharded_skeleton(self.model), unsharded_skeleton(teachers[0]))
+        return super()._prepare_teachers(teachers)
+
+    def whole_weights(self, student: nn.Module) -> WholeWeights:
+        """Both models' trainable weights gathered whole (collectives: every rank calls it), as leaves, with
+        the unsharded skeletons that run them; the teacher's sharded parameters are put back first."""
+        teacher = self.teacher_models[0]
+        reshard(teacher)  # its last forward (the student's soft labels) had no backward
+        student_skeleton, teacher_skeleton = self._skeletons
+        student_skeleton.train(student.training)
+        teacher_skeleton.train(teacher.training)
+        student_values = {n: p.requires_grad_(True) for n, p in whole_trainable_parameters(student).items()}
+        teacher_values = {n: p.requires_grad_(True) for n, p in whole_trainable_parameters(teacher).items()}
+        return WholeWeights(
+            WholeWeightsModel(student_skeleton, student_values),
+            student_skeleton,
+            student_values,
+            WholeWeightsModel(teacher_skeleton, teacher_values),
+            teacher_values,
+        )
 
     def _refuse_gradient_accumulation(self, reason: str, advice: str) -> None:
         """Refuse ``gradient_accumulation_steps`` > 1, for a teacher update that ``reason`` ties to one batch."""

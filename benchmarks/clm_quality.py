@@ -38,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "kd", "kd_topk")
+# Variants: a method of the example with other arguments (not run unless named in --methods).
+VARIANTS = {"kd_topk_bucket": ("kd_topk", ["--topk_tail", "bucket"])}
 # The budget (docs/benchmarks.md, "Causal-LM distillation quality"): one rule per lever, equal for every method.
 BUDGET = {
     "num_train_epochs": "1",
@@ -73,7 +75,8 @@ def run_name(method: str, epochs: float | None) -> str:
 def run_argv(
     args: argparse.Namespace, method: str, seed: int, output_dir: Path, epochs: float | None = None
 ) -> list[str]:
-    argv = ["--method", method, "--output_dir", str(output_dir), "--seed", str(seed)]
+    method, extra = VARIANTS.get(method, (method, []))
+    argv = ["--method", method, "--output_dir", str(output_dir), "--seed", str(seed), *extra]
     argv += ["--teacher_cache_dir", str(args.out / "teacher"), "--disable_tqdm", "true"]
     budget = {**BUDGET, "num_train_epochs": f"{epochs:g}"} if epochs is not None else BUDGET
     models = {**MODELS, "teacher_train_epochs": f"{args.teacher_epochs:g}"}
@@ -120,7 +123,9 @@ def teacher_lock(args: argparse.Namespace, method: str) -> Iterator[None]:
     """Hold ``<out>/teacher.lock`` while a run may train the teacher or build the top-k cache, so that
     two workers never build them twice."""
     teachers = list((args.out / "teacher").glob("clm-llama-*/hf_distill_clm_teacher.json"))
-    ready = bool(teachers) and (method != "kd_topk" or any(teachers[0].parent.glob(f"topk{args.top_k}-*")))
+    ready = bool(teachers) and (
+        not method.startswith("kd_topk") or any(teachers[0].parent.glob(f"topk{args.top_k}-*"))
+    )
     if method == "sft" or ready:
         yield
         return
@@ -235,10 +240,11 @@ def report(args: argparse.Namespace) -> str:
     lines += ["", "Seed-paired differences, 95% t interval (* excludes 0):", "",
               "| difference | pairs | mean | 95% interval |", "|---|---|---|---|"]  # fmt: skip
     lines += [paired(found, "kd", "sft", args.seeds), paired(found, "kd_topk", "sft", args.seeds)]
-    lines += [
-        paired(found, "kd_topk", "kd", args.seeds),
-        paired(found, "kd_topk", "kd", args.seeds, relative=True),
-    ]
+    for variant in ["kd_topk", *[m for m in args.methods if m in VARIANTS]]:
+        lines += [
+            paired(found, variant, "kd", args.seeds),
+            paired(found, variant, "kd", args.seeds, relative=True),
+        ]
     # Has the student alone converged at the budget? And is kd still ahead of the longer students alone?
     for control in controls:
         lines += [
@@ -254,7 +260,7 @@ def report(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="Run folder (resumable).")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--top_k", type=int, default=64)
     p.add_argument(

@@ -67,8 +67,9 @@ def unsharded_skeleton(model: nn.Module) -> nn.Module:
 
 
 def whole_trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s trainable parameters, whole: a sharded one all-gathered (a collective), others as they are.
-    Detached: what is differentiated is each caller's own leaf of them."""
+    """``model``'s trainable parameters, whole: a sharded one all-gathered (a collective), others as they are
+    (a root FSDP2 unit between its forward and backward holds its whole weights: views of them, valid until
+    FSDP2 reshards it). Detached: what is differentiated is each caller's own leaf of them."""
     from torch.distributed.tensor import DTensor
 
     return {

@@ -210,16 +210,17 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
         micro_batches = self.step_micro_batches(batch) if student_grads is None else [batch]
         student = self.accelerator.unwrap_model(model)
         # Under FSDP2 every pass runs on the gathered whole weights of both models (`whole_weights`).
-        whole = self.whole_weights(student) if is_sharded(student) else None
-        sharded_student_params = None
-        if whole is None:
-            names, params = zip(*trainable_parameters(student).items(), strict=True)
-            functional_student = student
-        else:
-            reshard(student)  # the optimizer holds the shards, which an evaluation forward may have left out
+        whole, sharded_student_params = None, None
+        if is_sharded(student):
+            # The optimizer holds the shards, which an evaluation forward (no backward) leaves out at the root.
+            reshard(student)
             sharded_student_params = list(trainable_parameters(student).values())
+            whole = self.whole_weights(student)
             names, params = zip(*whole.student_values.items(), strict=True)
             student, functional_student = whole.student, whole.student_skeleton
+        else:
+            names, params = zip(*trainable_parameters(student).items(), strict=True)
+            functional_student = student
         # The teacher's forward of each micro-batch, with its graph until the teacher's backward.
         teacher_chunks = (
             [self._teacher_logits_with_graph(b, whole and whole.teacher) for b in micro_batches]

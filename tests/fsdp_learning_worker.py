@@ -132,6 +132,10 @@ def train_learning(
         train_sampling_strategy="sequential",
         save_strategy="steps",
         save_steps=SAVE_EVERY,
+        # An evaluation (student and teacher) before each checkpoint: forwards without backward in between.
+        eval_strategy="steps",
+        eval_steps=SAVE_EVERY,
+        per_device_eval_batch_size=4 // world,
         logging_steps=1,
         report_to=[],
         use_cpu=on_cpu,
@@ -147,6 +151,7 @@ def train_learning(
         teacher_model=tiny_classifier(layers=2, seed=1),
         args=args,
         train_dataset=keyword_dataset(rows),
+        eval_dataset=keyword_dataset(4, seed=5),
         processing_class=tiny_tokenizer(outdir / f"tok_{tag}_rank{rank}"),
     )
     held = how_teacher_is_held(trainer.teacher_model)
@@ -159,6 +164,12 @@ def train_learning(
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "teacher_grad_norms": [
                 h["teacher_grad_norm"] for h in trainer.state.log_history if "teacher_grad_norm" in h
+            ],
+            "eval_losses": [
+                h[key]
+                for h in trainer.state.log_history
+                for key in ("eval_loss", "eval_teacher_loss")
+                if key in h
             ],
             "student": full_state(trainer.model),
             "teacher": full_state(trainer.teacher_model),

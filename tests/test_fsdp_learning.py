@@ -89,6 +89,13 @@ class TestLearningTeacherUnderFSDP2:
             for role in ("teacher", "student"):
                 diff, name = max_difference(run[role], single[role])
                 assert diff <= WEIGHT_TOLERANCE, f"rank {rank}: the {role} differs at {name} by {diff}"
+            # The evaluations (student and teacher, sharded, each rank half the rows) between the steps.
+            assert (
+                len(run["eval_losses"]) == len(single["eval_losses"]) == 4
+            )  # 2 evaluations × student, teacher
+            torch.testing.assert_close(
+                torch.tensor(run["eval_losses"]), torch.tensor(single["eval_losses"]), rtol=1e-5, atol=1e-6
+            )
 
     def test_resume_from_the_sharded_checkpoint_equals_the_uninterrupted_run(self, runs):
         for full, resumed in zip(runs["full"], runs["resume"], strict=True):

@@ -41,16 +41,24 @@ def first_nonfinite_parameter(model: nn.Module) -> tuple[str, str] | None:
 def first_nonfinite_tensor(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
     """(name, ``"NaN"``/``"infinite"``) of the first tensor holding a non-finite value, or None.
 
-    One reduction per tensor, stacked, and a single transfer when every value is finite.
+    One reduction per tensor, stacked, and a single transfer when every value is finite. A tensor FSDP2
+    shards is reduced over all its shards (a collective: every rank calls this).
     """
     named = [(n, t) for n, t in named if t.is_floating_point()]
     if not named:
         return None
-    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    finite = torch.stack([_whole(torch.isfinite(t.detach()).all()) for _, t in named]).cpu()
     if bool(finite.all()):
         return None
     name, tensor = named[int((~finite).nonzero()[0])]
-    return name, "NaN" if bool(torch.isnan(tensor.detach()).any()) else "infinite"
+    return name, "NaN" if bool(_whole(torch.isnan(tensor.detach()).any())) else "infinite"
+
+
+def _whole(flag: torch.Tensor) -> torch.Tensor:
+    """A reduction over a sharded (FSDP2) weight as a plain tensor, over all its shards (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return flag.full_tensor() if isinstance(flag, DTensor) else flag
 
 
 def check_finite_weights(model: nn.Module, role: str, action: str) -> None:

@@ -1,4 +1,5 @@
-"""hf_distill.distributed (devices): pinned memory only where an accelerator can use it."""
+"""hf_distill.distributed: pinned memory only where an accelerator can use it; whole-weight passes over a model
+FSDP2 shards (their 2-rank checks are in tests/test_fsdp_learning.py)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,26 @@ def test_accelerator_available_agrees_with_torch():
     import torch
 
     assert distributed.accelerator_available() == torch.accelerator.is_available()
+
+
+def test_unsharded_skeleton_holds_no_trainable_weights_and_runs_given_ones():
+    import torch
+    from testing_utils import tiny_classifier
+
+    model = tiny_classifier(layers=1, seed=3)
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # a frozen weight stays real
+    skeleton = distributed.unsharded_skeleton(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, param in skeleton.named_parameters():
+        assert (param.device.type == "meta") == (name in trainable), name
+    assert all(b.device.type != "meta" for b in skeleton.buffers())
+    assert all(p.device.type != "meta" for p in model.parameters())  # the model itself is untouched
+
+    values = {n: v.requires_grad_(True) for n, v in distributed.whole_trainable_parameters(model).items()}
+    assert set(values) == trainable
+    inputs = {"input_ids": torch.tensor([[2, 9, 7, 4]]), "labels": torch.tensor([1])}
+    model.eval(), skeleton.eval()
+    outputs = distributed.WholeWeightsModel(skeleton, values)(**inputs)
+    torch.testing.assert_close(outputs.logits, model(**inputs).logits, rtol=0, atol=0)
+    outputs.loss.backward()
+    assert all(v.grad is not None for v in values.values())  # differentiable in the given weights

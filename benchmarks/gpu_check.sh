@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one script (about 5 minutes on one H100; budget 8):
 #   1. the distributed tests on CUDA: the frozen teacher under FSDP2 and DDP (one rank per GPU, NCCL), and
-#      DeepSpeed ZeRO-2 and ZeRO-3 where DeepSpeed is installed; the online teacher under FSDP2, with its
-#      resume (tests/test_fsdp.py and tests/test_fsdp_learning.py with HF_DISTILL_TEST_DEVICE=cuda);
+#      DeepSpeed ZeRO-2 and ZeRO-3 where DeepSpeed is installed; the learning teachers (online, meta, LGTM)
+#      under FSDP2, with their resume (tests/test_fsdp.py and tests/test_fsdp_learning.py with HF_DISTILL_TEST_DEVICE=cuda);
 #   2. the bf16 step cost of KD, online, meta and LGTM (benchmarks/step_cost.py), MiniLM-L6 shapes.
 # Everything is written to the folder given as the first argument (default gpu_check_results/):
 # environment.txt, tests.txt + tests.xml, step_cost_bf16.txt + step_cost_bf16.json, summary.txt.

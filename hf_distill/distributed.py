@@ -51,18 +51,27 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 # ----- whole-weight passes over a model FSDP2 shards ---------------------------------------------------------
 
 
-def unsharded_skeleton(model: nn.Module) -> nn.Module:
+def unsharded_skeleton(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """A copy of ``model``'s structure to run whole weights through with `torch.func.functional_call`,
     outside FSDP2's hooks (which put back FSDP2's own weights inside every sharded layer). Take it before
-    sharding. Its trainable parameters live on the meta device (no memory); its frozen parameters and
-    buffers, which never change, stay real."""
+    sharding. Its trainable parameters live on the meta device (no memory: the caller passes them); its
+    frozen parameters and buffers, which never change, are kept whole, on ``device``. Tied parameters stay
+    tied (one object under every name), so passing one name's value serves all of them."""
     import copy
 
     skeleton = copy.deepcopy(model)
+    replaced: dict[int, nn.Parameter] = {}
     for module in skeleton.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.requires_grad:
-                setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta")))
+            if id(param) not in replaced:
+                if param.requires_grad:
+                    replaced[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"))
+                else:
+                    replaced[id(param)] = nn.Parameter(param.detach().to(device), requires_grad=False)
+            setattr(module, name, replaced[id(param)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
     return skeleton
 
 

@@ -7,7 +7,8 @@ no sharding). As in tests/fsdp_worker.py the data order is sequential and the FS
 drops on the CPU is put back.
 
 ``--phase full`` trains `STEPS` steps with a checkpoint every `SAVE_EVERY`; ``--phase resume`` starts a new
-trainer from that run's first checkpoint and trains to the same end. Each writes ``OUTDIR/<tag>_rank<r>.pt``:
+trainer from that run's first checkpoint and trains to the same end; ``--phase accumulate`` trains as ``full``
+with each rank's rows in 2 micro-batches per step. Each writes ``OUTDIR/<tag>_rank<r>.pt``:
 the losses, the full (gathered) student and teacher weights at the end, and how the teacher is held. The
 student's checkpoints are sharded (``SHARDED_STATE_DICT``, written with torch's DCP); the teacher's are
 gathered. (With a gathered student, ``FULL_STATE_DICT``, the resume hangs on this CPU inside accelerate's
@@ -110,10 +111,11 @@ def train_learning(
     method: str = "online",
     resume_from: Path | None = None,
     device: str = "cpu",
+    accumulation: int = 1,
 ) -> Path:
     """``method``: ``online`` or ``meta``; ``mode``: ``single`` (one process, 8 rows per step) or ``fsdp2``
     (each rank 8 / world size rows); ``device``: ``cpu`` (gloo) or ``cuda`` (one rank per GPU, NCCL, the
-    plain trainer)."""
+    plain trainer); ``accumulation``: micro-batches per step (each rank's rows split among them)."""
     trainer_base, cpu_fsdp2_trainer, args_class, extra_args, rows = METHODS[method]
     on_cpu = device == "cpu"
     rank = int(os.environ.get("RANK", "0"))
@@ -123,7 +125,8 @@ def train_learning(
     sharding = {"fsdp": True, "fsdp_config": fsdp_config} if mode == "fsdp2" else {}
     args = args_class(
         output_dir=str(outdir / f"{tag}_trainer"),
-        per_device_train_batch_size=GLOBAL_BATCH // world,
+        per_device_train_batch_size=GLOBAL_BATCH // world // accumulation,
+        gradient_accumulation_steps=accumulation,
         max_steps=STEPS,
         learning_rate=5e-3,
         teacher_learning_rate=3e-3,
@@ -228,7 +231,7 @@ def measure_obstacle(outdir: Path, device: str = "cpu") -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--phase", choices=["full", "resume", "obstacle"], default="full")
+    parser.add_argument("--phase", choices=["full", "resume", "accumulate", "obstacle"], default="full")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--method", choices=sorted(METHODS), default="online")
     cli = parser.parse_args()
@@ -240,7 +243,8 @@ def main() -> None:
     resume_from = None
     if cli.phase == "resume":
         resume_from = cli.outdir / "full_trainer" / f"checkpoint-{SAVE_EVERY}"
-    train_learning(cli.outdir, cli.phase, "fsdp2", cli.method, resume_from, cli.device)
+    accumulation = 2 if cli.phase == "accumulate" else 1
+    train_learning(cli.outdir, cli.phase, "fsdp2", cli.method, resume_from, cli.device, accumulation)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -48,3 +48,24 @@ def test_unsharded_skeleton_holds_no_trainable_weights_and_runs_given_ones():
     torch.testing.assert_close(outputs.logits, model(**inputs).logits, rtol=0, atol=0)
     outputs.loss.backward()
     assert all(v.grad is not None for v in values.values())  # differentiable in the given weights
+
+
+def test_unsharded_skeleton_keeps_tied_weights_tied():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    skeleton = distributed.unsharded_skeleton(model).eval()
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+    values = distributed.whole_trainable_parameters(model)
+    assert "lm_head.weight" not in values  # named once, under the embedding's name
+    ids = torch.tensor([[1, 5, 7, 3]])
+    torch.testing.assert_close(
+        distributed.WholeWeightsModel(skeleton, values)(input_ids=ids).logits, model(input_ids=ids).logits
+    )

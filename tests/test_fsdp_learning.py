@@ -49,11 +49,11 @@ class TestLearningTeacherUnderFSDP2:
 
         method = request.param
         outdir = tmp_path_factory.mktemp(f"fsdp2_{method}")
-        for phase in ("full", "resume"):
+        for phase in ("full", "resume", "accumulate"):
             launch_ranks(WORKER, RANKS, str(outdir), "--phase", phase, "--method", method, "--device", DEVICE)
         found = {
             phase: [load_result(outdir / f"{phase}_rank{rank}.pt") for rank in range(RANKS)]
-            for phase in ("full", "resume")
+            for phase in ("full", "resume", "accumulate")
         }
         (outdir / "single").mkdir()
         found["single"] = load_result(
@@ -97,6 +97,18 @@ class TestLearningTeacherUnderFSDP2:
                 torch.tensor(run["eval_losses"]), torch.tensor(single["eval_losses"]), rtol=1e-5, atol=1e-6
             )
 
+    def test_two_micro_batches_per_rank_equal_the_single_process_step(self, runs):
+        single = runs["single"]
+        for rank, run in enumerate(runs["accumulate"]):
+            torch.testing.assert_close(
+                torch.tensor(run["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6
+            )
+            for role in ("teacher", "student"):
+                diff, name = max_difference(run[role], single[role])
+                assert diff <= WEIGHT_TOLERANCE, (
+                    f"rank {rank}: the accumulated {role} differs at {name} by {diff}"
+                )
+
     def test_resume_from_the_sharded_checkpoint_equals_the_uninterrupted_run(self, runs):
         for full, resumed in zip(runs["full"], runs["resume"], strict=True):
             assert resumed["global_step"] == full["global_step"]
@@ -115,6 +127,7 @@ class TestLearningTeacherUnderFSDP2:
         assert set(optimizer["state"]) == set(in_checkpoint)  # keyed by name, every trainable weight
         for written in ("full_saved_teacher", "full_pushed_teacher"):  # save_teacher, push_teacher_to_hub
             saved = load_file(str(outdir / written / "model.safetensors"))
+            assert set(saved) == set(single["teacher"]), written
             diff, name = max_difference(saved, {k: single["teacher"][k] for k in saved})
             assert diff <= WEIGHT_TOLERANCE, f"{written}: {name} off by {diff}"
         assert (outdir / "full_pushed_teacher" / "README.md").is_file()

@@ -483,3 +483,18 @@ def test_a_collapsed_teacher_is_logged_with_its_class(tmp_path, tokenizer):
         compute_metrics=glue_compute_metrics("mrpc"),
     )
     assert trainer.evaluate_teacher()["eval_teacher_collapsed_to_class"] == 1
+
+
+def test_save_on_each_node_is_refused_for_a_sharded_teacher(tmp_path, tokenizer, monkeypatch):
+    # Under FSDP2 the teacher is gathered on the main process only: other nodes would save an empty one.
+    import hf_distill.trainers.learning_teacher_trainer as learning_teacher_trainer
+
+    monkeypatch.setattr(learning_teacher_trainer, "is_fsdp2", lambda accelerator: True)
+    with pytest.raises(ValueError, match="save_on_each_node=True with a teacher FSDP2 shards"):
+        OnlineDistillTrainer(
+            model=tiny_classifier(1, seed=2),
+            teacher_model=tiny_classifier(2, seed=1),
+            args=make_args(tmp_path, save_on_each_node=True),
+            train_dataset=keyword_dataset(8),
+            processing_class=tokenizer,
+        )

@@ -137,12 +137,29 @@ def test_half_precision_master_weights_are_refused_for_a_sharded_teacher(monkeyp
     create_teacher_optimizer(teacher, 1e-3, 0.0, set(), fp32_master_weights=False)  # stepped directly
 
 
-def test_a_numbered_optimizer_state_is_refused_for_a_sharded_teacher(tmp_path, monkeypatch):
+def test_a_numbered_optimizer_state_resumes_a_sharded_teacher_by_name(tmp_path, monkeypatch):
+    """An unsharded run's checkpoint (numbered parameters) resumed under FSDP2: its state is keyed by name
+    and goes through torch's full state-dict API (here into an unsharded teacher posing as a sharded one)."""
     import hf_distill.teacher.checkpoint as teacher_checkpoint
 
     teacher = tiny_classifier(1, seed=3)
-    optimizer = create_teacher_optimizer(teacher, 1e-2, 0.0, set())
+    decay = {n for n, _ in teacher.named_parameters() if "bias" not in n}  # two groups, as in a real run
+    optimizer = create_teacher_optimizer(teacher, 1e-2, 0.01, decay)
+    teacher(input_ids=torch.tensor([[2, 9, 7]]), labels=torch.tensor([1])).loss.backward()
+    optimizer.step()
     save_teacher_state(tmp_path, gather_teacher_state(teacher, optimizer, None))
+    fresh = tiny_classifier(1, seed=3)
+    fresh_optimizer = create_teacher_optimizer(fresh, 1e-2, 0.01, decay)
     monkeypatch.setattr(teacher_checkpoint, "is_sharded", lambda model: True)
-    with pytest.raises(ValueError, match="was written by a run whose teacher was not sharded"):
-        load_teacher_optimizer_state(tmp_path, optimizer, None, teacher)
+    load_teacher_optimizer_state(tmp_path, fresh_optimizer, None, fresh)
+    original = {n: optimizer.state[p] for n, p in teacher.named_parameters()}
+    for name, param in fresh.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh_optimizer.state[param][key], original[name][key]), name
+    assert [len(g["params"]) for g in fresh_optimizer.param_groups] == [
+        len(g["params"]) for g in optimizer.param_groups
+    ]
+
+    other_optimizer = create_teacher_optimizer(fresh, 1e-2, 0.01, set())  # one group: not this run's
+    with pytest.raises(ValueError, match="covers 25 parameters in 2 groups; this run's teacher optimizer"):
+        load_teacher_optimizer_state(tmp_path, other_optimizer, None, fresh)

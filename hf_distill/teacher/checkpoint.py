@@ -62,7 +62,13 @@ def gather_teacher_state(
     if is_sharded(teacher):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        full = full_state_dict(teacher)
+        full = full_state_dict(teacher)  # complete on the main process, empty on the others
+        missing = sorted(set(params) - set(full)) if full else []
+        if missing:
+            raise RuntimeError(
+                f"The teacher's gathered state lacks trainable weights {missing[:5]}; the checkpoint would be "
+                "partial. This is a bug: please report it with the teacher's type and FSDP configuration."
+            )
         weights = {n: full[n] for n in params if n in full}
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optimizer_state = (
@@ -203,15 +209,17 @@ def load_teacher_optimizer_state(
     allowed partial, by `check_teacher_checkpoint` when the weights were loaded).
 
     A state gathered from a sharded teacher is keyed by parameter name: it goes through torch's full
-    state-dict API, which shards it again for an FSDP2 ``teacher`` (and fits an unsharded one too).
+    state-dict API, which shards it again for an FSDP2 ``teacher`` (and fits an unsharded one too). A
+    numbered state (an unsharded run's) resumed into a sharded ``teacher`` is keyed by name first.
     """
     folder = teacher_state_dir(checkpoint_dir)
-    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
     if (folder / TEACHER_OPTIMIZER_NAME).is_file():
+        # On the CPU: a whole state for a sharded teacher is sharded from there, never whole on a device.
         saved = _load_checkpoint_file(
-            folder / TEACHER_OPTIMIZER_NAME,
-            lambda p: torch.load(p, map_location=device, weights_only=True),
+            folder / TEACHER_OPTIMIZER_NAME, lambda p: torch.load(p, map_location="cpu", weights_only=True)
         )
+        if teacher is not None and is_sharded(teacher) and not _keyed_by_name(saved):
+            saved = _keyed_by_name_from(saved, optimizer, teacher)  # written by an unsharded run
         if _keyed_by_name(saved):
             if teacher is None:
                 raise ValueError(
@@ -222,19 +230,34 @@ def load_teacher_optimizer_state(
             set_optimizer_state_dict(
                 teacher, optimizer, saved, options=StateDictOptions(full_state_dict=True)
             )
-        elif teacher is not None and is_sharded(teacher):
-            raise ValueError(
-                f"{folder / TEACHER_OPTIMIZER_NAME} was written by a run whose teacher was not sharded (its "
-                "parameters are numbered, not named), and this run's teacher is sharded by FSDP2. Resume it "
-                "without FSDP2, or delete that file and set allow_partial_teacher_checkpoint=True to resume the "
-                "teacher's weights with a fresh optimizer."
-            )
         else:
-            optimizer.load_state_dict(saved)
+            optimizer.load_state_dict(saved)  # moves the state to its parameters' devices
     if scheduler is not None and (folder / TEACHER_SCHEDULER_NAME).is_file():
         scheduler.load_state_dict(
             _load_checkpoint_file(folder / TEACHER_SCHEDULER_NAME, lambda p: torch.load(p, weights_only=True))
         )
+
+
+def _keyed_by_name_from(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, teacher: nn.Module
+) -> dict[str, Any]:
+    """A numbered ``Optimizer.state_dict`` (an unsharded run's) keyed by parameter name instead, for torch's full
+    state-dict API. The numbers follow the order of ``optimizer``'s groups, which this run builds as that run
+    did (`create_teacher_optimizer`)."""
+    name_of_param = {id(p): n for n, p in teacher.named_parameters()}
+    names = [name_of_param[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    numbers = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(numbers) != len(names) or len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"The teacher optimizer state in the checkpoint covers {len(numbers)} parameters in "
+            f"{len(saved['param_groups'])} groups; this run's teacher optimizer has {len(names)} in "
+            f"{len(optimizer.param_groups)}. Resume with the same teacher and trainable parameters."
+        )
+    name_of = dict(zip(numbers, names, strict=True))
+    return {
+        "state": {name_of[i]: state for i, state in saved["state"].items()},
+        "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
 
 
 def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:

@@ -85,8 +85,9 @@ def check_learning_teacher_supported(
             "its own DeepSpeed training engine (its partitioned optimizer, its gradients reduced by the engine), "
             "which one accelerate run does not build for a second model, and the meta and LGTM updates also read "
             "and perturb the student's weights outside its forward, where ZeRO-3 holds only each rank's "
-            "partition. Use ZeRO stage 1 or 2, DDP, FSDP2 for OnlineDistillTrainer, a LoRA teacher to fit "
-            "memory, or DistillationTrainer with a frozen teacher (which ZeRO-3 shards in an inference engine)."
+            "partition. Use FSDP2 (which shards the teacher of OnlineDistillTrainer, MetaDistillTrainer and "
+            "LGTMTrainer), ZeRO stage 1 or 2, DDP, a LoRA teacher to fit memory, or DistillationTrainer with a "
+            "frozen teacher (which ZeRO-3 shards in an inference engine)."
         )
 
 

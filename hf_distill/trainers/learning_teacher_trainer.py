@@ -101,6 +101,12 @@ class LearningTeacherTrainer(TeacherPublishingMixin, DistillationTrainer):
         if self.args.teacher_activation_checkpointing:
             enable_activation_checkpointing(teacher, "teacher")
         if is_fsdp2(self.accelerator):  # sharded like the student; FSDP2 reduces its gradients in backward
+            if self.args.save_on_each_node:
+                raise ValueError(
+                    "save_on_each_node=True with a teacher FSDP2 shards: the teacher is gathered whole on the "
+                    "main process only, so the other nodes would write an empty teacher into their checkpoints. "
+                    "Set save_on_each_node=False and save to a file system every node reads."
+                )
             return [shard_teacher(teacher, self.accelerator)]
         # Placed on the device without a DDP wrapper: its gradients are averaged explicitly.
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)

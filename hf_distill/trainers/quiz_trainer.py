@@ -118,14 +118,22 @@ class QuizDistillTrainer(LearningTeacherTrainer):
         # The models' structures, copied before either is sharded, for the passes on whole weights.
         self._skeletons = None
         if is_fsdp2(self.accelerator) and len(teachers) == 1:
-            self._skeletons = (unsharded_skeleton(self.model), unsharded_skeleton(teachers[0]))
+            device = self.accelerator.device
+            self._skeletons = (
+                unsharded_skeleton(self.model, device),
+                unsharded_skeleton(teachers[0], device),
+            )
         return super()._prepare_teachers(teachers)
 
     def whole_weights(self, student: nn.Module) -> WholeWeights:
         """Both models' trainable weights gathered whole (collectives: every rank calls it), as leaves, with
-        the unsharded skeletons that run them; the teacher's sharded parameters are put back first."""
+        the unsharded skeletons that run them; both models' sharded parameters are put back first."""
         teacher = self.teacher_models[0]
-        reshard(teacher)  # its last forward (the student's soft labels) had no backward
+        # The sharded weights, not the whole ones a root unit keeps registered after a forward (in the compute
+        # dtype under mixed precision): the teacher's last forward (the soft labels) had no backward, and the
+        # student's may be waiting for its own, which unshards them again.
+        reshard(teacher)
+        reshard(student)
         student_skeleton, teacher_skeleton = self._skeletons
         student_skeleton.train(student.training)
         teacher_skeleton.train(teacher.training)

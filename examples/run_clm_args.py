@@ -3,14 +3,13 @@ usage errors (``--config`` files and the help layout are shared with the GLUE ex
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_glue_args import HelpFormatter, _config_to_argv, _shown, method_and_config
+from run_glue_args import HelpFormatter, _config_to_argv, grouped_help, method_and_config, own_options
 from run_glue_args import cli_error as glue_cli_error
 from run_glue_args import usage_errors as glue_usage_errors
 from transformers import HfArgumentParser, TrainingArguments
@@ -216,34 +215,17 @@ def overview() -> str:
 
 def method_help(method: str, parser: HfArgumentParser, args_class: type[TrainingArguments]) -> str:
     """``--method X --help``: the data, model and X's own options, and the common training ones."""
-    own = {f.name for f in dataclasses.fields(args_class)} - {
-        f.name for f in dataclasses.fields(TrainingArguments)
-    }
-    display = argparse.ArgumentParser(
-        prog=PROG,
-        usage=USAGE.replace("METHOD", method),
-        description=f"--method {method}: {METHOD_SUMMARIES[method]}.",
-        epilog="Every transformers.TrainingArguments option is accepted too: --help_all lists them all.",
-        formatter_class=HelpFormatter,
-        add_help=False,
-    )
     groups = [
         ("the text", {f.name for f in dataclasses.fields(DataArguments)}),
         (
             "the tokenizer, the teacher and the student",
             {f.name for f in dataclasses.fields(ModelArguments)} - {"method"},
         ),
-        (f"{args_class.__name__}: the {method} method's own options", own),
+        (f"{args_class.__name__}: the {method} method's own options", own_options(args_class)),
         ("common training options (transformers.TrainingArguments)", set(COMMON_TRAINING_OPTIONS)),
     ]
-    for title, names in groups:
-        actions = [a for a in parser._actions if a.dest in names and a.option_strings]
-        if actions:
-            group = display.add_argument_group(title)
-            for action in actions:
-                if not action.option_strings[0].startswith("--no_"):
-                    group._add_action(_shown(action))
-    return display.format_help()
+    description = f"--method {method}: {METHOD_SUMMARIES[method]}."
+    return grouped_help(parser, PROG, USAGE.replace("METHOD", method), description, groups)
 
 
 def build_parser(args_class: type[TrainingArguments]) -> HfArgumentParser:

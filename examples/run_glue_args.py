@@ -334,25 +334,18 @@ def _shown(action: argparse.Action) -> argparse.Action:
     return shown
 
 
-def method_help(method: str, parser: HfArgumentParser, args_class: type[TrainingArguments]) -> str:
-    """``--method X --help``: the task and data options, the teacher and student ones, X's own arguments
-    and the common training ones."""
-    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    own = {f.name for f in dataclasses.fields(args_class)} - trainer_fields
+def grouped_help(
+    parser: HfArgumentParser, prog: str, usage: str, description: str, groups: list[tuple[str, set[str]]]
+) -> str:
+    """A short help of ``parser``'s options named in ``groups`` (title, option names), in that order."""
     display = argparse.ArgumentParser(
-        prog=PROG,
-        usage=USAGE.replace("METHOD", method),
-        description=f"--method {method}: {METHOD_SUMMARIES[method]}.",
+        prog=prog,
+        usage=usage,
+        description=description,
         epilog="Every transformers.TrainingArguments option is accepted too: --help_all lists them all.",
         formatter_class=HelpFormatter,
         add_help=False,
     )
-    groups = [
-        ("the task and its data", {f.name for f in dataclasses.fields(DataArguments)}),
-        ("the teacher and the student", {f.name for f in dataclasses.fields(ModelArguments)} - {"method"}),
-        (f"{args_class.__name__}: the {method} method's own options", own),
-        ("common training options (transformers.TrainingArguments)", set(COMMON_TRAINING_OPTIONS)),
-    ]
     for title, names in groups:
         actions = [a for a in parser._actions if a.dest in names and a.option_strings]
         if actions:
@@ -361,6 +354,26 @@ def method_help(method: str, parser: HfArgumentParser, args_class: type[Training
                 if not action.option_strings[0].startswith("--no_"):  # `--x false` says the same
                     group._add_action(_shown(action))
     return display.format_help()
+
+
+def own_options(args_class: type[TrainingArguments]) -> set[str]:
+    """The fields ``args_class`` adds to `TrainingArguments` (a method's own options)."""
+    return {f.name for f in dataclasses.fields(args_class)} - {
+        f.name for f in dataclasses.fields(TrainingArguments)
+    }
+
+
+def method_help(method: str, parser: HfArgumentParser, args_class: type[TrainingArguments]) -> str:
+    """``--method X --help``: the task and data options, the teacher and student ones, X's own arguments
+    and the common training ones."""
+    groups = [
+        ("the task and its data", {f.name for f in dataclasses.fields(DataArguments)}),
+        ("the teacher and the student", {f.name for f in dataclasses.fields(ModelArguments)} - {"method"}),
+        (f"{args_class.__name__}: the {method} method's own options", own_options(args_class)),
+        ("common training options (transformers.TrainingArguments)", set(COMMON_TRAINING_OPTIONS)),
+    ]
+    description = f"--method {method}: {METHOD_SUMMARIES[method]}."
+    return grouped_help(parser, PROG, USAGE.replace("METHOD", method), description, groups)
 
 
 def build_parser(args_class: type[TrainingArguments]) -> HfArgumentParser:

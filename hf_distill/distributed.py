@@ -59,16 +59,18 @@ def unsharded_skeleton(model: nn.Module, device: torch.device | str | None = Non
     tied (one object under every name), so passing one name's value serves all of them."""
     import copy
 
-    skeleton = copy.deepcopy(model)
-    replaced: dict[int, nn.Parameter] = {}
+    # The copy takes a meta parameter for each trainable one (never copying its values), one per tied group.
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta")) for p in model.parameters() if p.requires_grad
+    }
+    skeleton = copy.deepcopy(model, memo)
+    placed: dict[int, nn.Parameter] = {}
     for module in skeleton.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            if id(param) not in replaced:
-                if param.requires_grad:
-                    replaced[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"))
-                else:
-                    replaced[id(param)] = nn.Parameter(param.detach().to(device), requires_grad=False)
-            setattr(module, name, replaced[id(param)])
+            if not param.requires_grad:
+                if id(param) not in placed:
+                    placed[id(param)] = nn.Parameter(param.detach().to(device), requires_grad=False)
+                setattr(module, name, placed[id(param)])
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)

@@ -34,7 +34,6 @@ from ..distributed import (
     all_reduce_mean,
     is_sharded,
     mean_into_shards,
-    reshard,
     whole,
     zeros_for_missing,
 )
@@ -212,10 +211,9 @@ class LGTMTrainer(InfluenceRecordsMixin, QuizDistillTrainer):
         # Under FSDP2 every pass runs on the gathered whole weights of both models (`whole_weights`).
         whole, sharded_student_params = None, None
         if is_sharded(student):
-            # The optimizer holds the shards, which an evaluation forward (no backward) leaves out at the root.
-            reshard(student)
-            sharded_student_params = list(trainable_parameters(student).values())
             whole = self.whole_weights(student)
+            # The shards (which the optimizer holds): `whole_weights` has put them back in place.
+            sharded_student_params = list(trainable_parameters(student).values())
             names, params = zip(*whole.student_values.items(), strict=True)
             student, functional_student = whole.student, whole.student_skeleton
         else:
